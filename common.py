@@ -1,0 +1,643 @@
+"""Dataset and metric helpers shared by the five scripts of this project.
+
+Only what is the *same protocol* for every paper lives here: the datasets (PASCAL VOC 2012 + SBD, Cityscapes, and
+an embedded synthetic dataset), joint image/label transforms, labeled/unlabeled splits, the confusion-matrix mIoU,
+and colour palettes. Everything that is part of a method (networks, losses, training loop) stays in its own script.
+
+Datasets yield `(image, label, id)`: image a float32 tensor (3, H, W) already normalised the way the network's
+weights expect (`Normalize`), label an int64 tensor (H, W) with values 0..C-1 or 255 = ignore.
+
+Bad input raises `DataError` with a message that says what to do; the scripts print it as one line and exit 2.
+"""
+import functools
+import math
+import os
+import random
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+
+IGNORE = 255
+
+
+class DataError(Exception):
+    """A problem with the user's data or arguments; printed as one line, without a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Normalisation (must follow the weights: hung2018 card 4.2 caveat 2, methods/README "input normalisation")
+# ----------------------------------------------------------------------------------------------------------------
+class Normalize:
+    """uint8 RGB (H, W, 3) -> float32 (H, W, 3), in the layout a set of weights was trained on.
+
+    mode "imagenet": torchvision weights, RGB / 255, minus mean (0.485, 0.456, 0.406), over std (0.229, 0.224, 0.225).
+    mode "caffe":    Caffe DeepLab weights, 0-255 minus the BGR mean (104.008, 116.669, 122.679) of DeepLab-v2,
+                     channels in BGR order (`bgr=True`, the default) or RGB order (`bgr=False`, the released code's
+                     quirk: hung2018 card 7.2 step 6).
+    """
+    CAFFE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
+    IMAGENET_MEAN = (0.485, 0.456, 0.406)
+    IMAGENET_STD = (0.229, 0.224, 0.225)
+
+    def __init__(self, mode="imagenet", bgr=True):
+        if mode not in ("imagenet", "caffe"):
+            raise ValueError(f"unknown normalisation {mode!r}")
+        self.mode, self.bgr = mode, bgr
+
+    def __call__(self, rgb):
+        x = rgb.astype(np.float32)
+        if self.mode == "imagenet":
+            return (x / 255.0 - np.float32(self.IMAGENET_MEAN)) / np.float32(self.IMAGENET_STD)
+        x = x - np.float32(self.CAFFE_MEAN_BGR[::-1])      # subtract per channel, still RGB order
+        return x[:, :, ::-1].copy() if self.bgr else x      # (H, W, 3) in BGR or RGB order
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading files
+# ----------------------------------------------------------------------------------------------------------------
+def read_image(path):
+    """RGB uint8 (H, W, 3); an unreadable file is a DataError that names it."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ...)
+        raise DataError(f"cannot read image {path}: {e.__class__.__name__}: {e}. Replace or remove the file.") from None
+
+
+def read_label(path, num_classes, lut=None):
+    """Index label map uint8 (H, W). Palette PNGs are read as indices, not colours (hung2018 card 7.1).
+
+    `lut` maps raw ids to train ids (Cityscapes). Any value >= num_classes other than 255 is a DataError.
+    """
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L", "I", "I;16"):
+                raise DataError(f"label {path} has mode {im.mode}; expected a single-channel index PNG "
+                                f"(colour-coded labels must be converted to class indices first)")
+            lab = np.asarray(im)
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"cannot read label {path}: {e.__class__.__name__}: {e}. Replace or remove the file.") from None
+    if lut is not None:
+        lab = lut[np.clip(lab, 0, len(lut) - 1)]
+    lab = lab.astype(np.int64)
+    bad = (lab >= num_classes) & (lab != IGNORE) | (lab < 0)
+    if bad.any():
+        raise DataError(f"label {path} contains value {int(lab[bad][0])}, but the dataset has {num_classes} classes "
+                        f"(0..{num_classes - 1}, 255 = ignore). Check --data and the label files.")
+    return lab.astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Joint image/label transforms
+# ----------------------------------------------------------------------------------------------------------------
+def resize_pair(img, lab, size_hw):
+    """Image bilinear, label nearest-neighbour (labels are indices: never interpolate them)."""
+    h, w = size_hw
+    img = np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR))
+    if lab is not None:
+        lab = np.asarray(Image.fromarray(lab).resize((w, h), Image.NEAREST))
+    return img, lab
+
+
+class TrainTransform:
+    """Random scale -> normalise -> pad (image 0, label 255) bottom/right -> random crop -> optional mirror.
+
+    The order and the padding follow hung2018 card 7.2: scale factor f in {0.5, 0.6, ..., 1.6} (`scales`), padding
+    at the bottom and right with 0 *after* normalisation (i.e. the mean colour) and with 255 in the label.
+    `resize_to` (Cityscapes: 512x1024) resizes every image to a fixed size first, with no crop.
+    """
+
+    def __init__(self, normalize, crop=None, scales=None, mirror=False, resize_to=None):
+        self.normalize, self.crop, self.scales, self.mirror, self.resize_to = normalize, crop, scales, mirror, resize_to
+
+    def __call__(self, img, lab, rng):
+        if self.resize_to is not None:
+            img, lab = resize_pair(img, lab, self.resize_to)
+        if self.scales:
+            f = self.scales[rng.randrange(len(self.scales))]
+            h, w = lab.shape
+            img, lab = resize_pair(img, lab, (int(h * f + 0.5), int(w * f + 0.5)))
+        img = self.normalize(img)
+        if self.crop is not None:
+            ch, cw = self.crop
+            h, w = lab.shape
+            ph, pw = max(ch - h, 0), max(cw - w, 0)
+            if ph or pw:
+                img = np.pad(img, ((0, ph), (0, pw), (0, 0)), constant_values=0.0)
+                lab = np.pad(lab, ((0, ph), (0, pw)), constant_values=IGNORE)
+            h, w = lab.shape
+            y, x = rng.randint(0, h - ch), rng.randint(0, w - cw)
+            img, lab = img[y:y + ch, x:x + cw], lab[y:y + ch, x:x + cw]
+        if self.mirror and rng.random() < 0.5:
+            img, lab = img[:, ::-1], lab[:, ::-1]
+        return to_tensors(img, lab)
+
+
+class LabelTransform:
+    """Ground-truth maps for a discriminator's "real" input (hung2018 card 7.3, simplified as the card allows):
+    random scale, enlarge with nearest-neighbour if smaller than the crop, never pad, random crop, optional mirror."""
+
+    def __init__(self, crop=None, scales=None, mirror=False, resize_to=None):
+        self.crop, self.scales, self.mirror, self.resize_to = crop, scales, mirror, resize_to
+
+    def __call__(self, lab, rng):
+        nearest = lambda a, h, w: np.asarray(Image.fromarray(a).resize((w, h), Image.NEAREST))
+        if self.resize_to is not None:
+            lab = nearest(lab, *self.resize_to)
+        if self.scales:
+            f = self.scales[rng.randrange(len(self.scales))]
+            lab = nearest(lab, int(lab.shape[0] * f + 0.5), int(lab.shape[1] * f + 0.5))
+        if self.crop is not None:
+            ch, cw = self.crop
+            h, w = lab.shape
+            if h < ch or w < cw:
+                g = max(ch / h, cw / w)
+                lab = nearest(lab, max(ch, math.ceil(h * g)), max(cw, math.ceil(w * g)))
+            h, w = lab.shape
+            y, x = rng.randint(0, h - ch), rng.randint(0, w - cw)
+            lab = lab[y:y + ch, x:x + cw]
+        if self.mirror and rng.random() < 0.5:
+            lab = lab[:, ::-1]
+        return torch.from_numpy(np.ascontiguousarray(lab)).long()
+
+
+class EvalTransform:
+    """Evaluation: normalise, then either pad bottom/right to a fixed size (VOC: 505x505, image 0, label 255; hung2018
+    card 7.4) or resize to a fixed size (Cityscapes 512x1024, label nearest unless `full_res_label`). Padding the label
+    with 255 is the same as cropping the prediction back: padded pixels are ignored by the confusion matrix."""
+
+    def __init__(self, normalize, pad_to=None, resize_to=None, full_res_label=False):
+        self.normalize, self.pad_to, self.resize_to, self.full_res_label = normalize, pad_to, resize_to, full_res_label
+
+    def __call__(self, img, lab, rng=None):
+        if self.resize_to is not None:
+            img, small = resize_pair(img, lab, self.resize_to)
+            lab = lab if self.full_res_label else small
+        img = self.normalize(img)
+        if self.pad_to is not None:
+            ph, pw = self.pad_to[0] - img.shape[0], self.pad_to[1] - img.shape[1]
+            if ph < 0 or pw < 0:
+                raise DataError(f"an evaluation image of size {img.shape[:2]} is larger than the padding size "
+                                f"{tuple(self.pad_to)}; raise the preset's eval padding")
+            img = np.pad(img, ((0, ph), (0, pw), (0, 0)), constant_values=0.0)
+            lab = np.pad(lab, ((0, ph), (0, pw)), constant_values=IGNORE)
+        return to_tensors(img, lab)
+
+
+def to_tensors(img, lab):
+    img = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))   # (3, H, W) float32
+    return img, torch.from_numpy(np.ascontiguousarray(lab)).long()        # (H, W) int64
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Datasets
+# ----------------------------------------------------------------------------------------------------------------
+class SegDataset(torch.utils.data.Dataset):
+    """A list of ids over a `source` (which reads an id into uint8 image and label arrays) and a transform.
+
+    Each item draws its augmentation from its own RNG, seeded by (seed, epoch, index), so that a run is reproducible
+    and resumable whatever the number of loader workers. Call `set_epoch` on every pass.
+    """
+
+    def __init__(self, source, ids, transform, seed=0, labels_only=False):
+        self.source, self.ids, self.transform, self.seed, self.labels_only = source, list(ids), transform, seed, labels_only
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        rng = random.Random(hash((self.seed, self.epoch, i)) & 0xFFFFFFFF)
+        if self.labels_only:
+            return self.transform(self.source.read_label(self.ids[i]), rng)
+        img, lab = self.source.read(self.ids[i])
+        if img.shape[:2] != lab.shape:
+            raise DataError(f"image and label of {self.ids[i]} differ in size: {img.shape[:2]} vs {lab.shape}")
+        img, lab = self.transform(img, lab, rng)
+        return img, lab, self.ids[i]
+
+
+class InfiniteLoader:
+    """Endless batches over a dataset, reshuffled every pass by a seeded permutation; the last partial batch of a pass
+    is kept (hung2018 card 5.1). Its whole state is (pass, batches taken in this pass), so a resumed run draws the
+    same batches as an uninterrupted one."""
+
+    def __init__(self, dataset, batch_size, seed, workers=0, pin_memory=False, state=(0, 0)):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.workers, self.pin_memory = workers, pin_memory
+        self.epoch, self.pos = state
+        self._open()
+
+    def _open(self):
+        self.dataset.set_epoch(self.epoch)
+        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+        order = torch.randperm(len(self.dataset), generator=g).tolist()[self.pos * self.batch_size:]
+        self._it = iter(torch.utils.data.DataLoader(self.dataset, self.batch_size, sampler=order, drop_last=False,
+                                                    num_workers=self.workers, pin_memory=self.pin_memory))
+
+    def __next__(self):
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._open()
+            batch = next(self._it)
+        self.pos += 1
+        return batch
+
+    def state(self):
+        return [self.epoch, self.pos]
+
+
+class VOCSource:
+    """PASCAL VOC 2012 with the SBD augmented labels (hung2018 card 7.1).
+
+    Layout under `root` (or `root/VOCdevkit`, where torchvision's download puts it):
+        VOC2012/JPEGImages/<id>.jpg
+        VOC2012/SegmentationClassAug/<id>.png        index PNGs, 255 = boundary/void (the SBD "aug" labels)
+        VOC2012/ImageSets/Segmentation/val.txt       1,449 ids
+        VOC2012/ImageSets/Segmentation/train_aug.txt 10,582 ids (optional: otherwise all SegmentationClassAug ids
+                                                     not in val.txt; a train.txt of 10,582 ids is also accepted)
+    Without SegmentationClassAug it falls back to VOC's own 1,464 train images and SegmentationClass labels.
+    """
+    NUM_CLASSES = 21
+    CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+    EXPECTED = {"train": 10582, "val": 1449, "train_voc": 1464}
+
+    def __init__(self, root, download=False):
+        if download:
+            self._download(root)
+        base = next((os.path.join(root, p) for p in ("VOC2012", os.path.join("VOCdevkit", "VOC2012"))
+                     if os.path.isdir(os.path.join(root, p, "JPEGImages"))), None)
+        if base is None:
+            raise DataError(f"no VOC2012/JPEGImages under --data-root {root!r}; expected {root}/VOC2012/JPEGImages, "
+                            f".../SegmentationClassAug and .../ImageSets/Segmentation (see README, 'Datasets'), "
+                            f"or pass --download")
+        self.base = base
+        sets = os.path.join(base, "ImageSets", "Segmentation")
+        val = _read_list(os.path.join(sets, "val.txt"))
+        aug = os.path.join(base, "SegmentationClassAug")
+        if os.path.isdir(aug):
+            self.label_dir = aug
+            if os.path.isfile(os.path.join(sets, "train_aug.txt")):
+                train = _read_list(os.path.join(sets, "train_aug.txt"))
+            else:
+                train = _read_list(os.path.join(sets, "train.txt")) if os.path.isfile(os.path.join(sets, "train.txt")) else []
+                if len(train) != self.EXPECTED["train"]:   # VOC's own train.txt (1,464): derive train_aug instead
+                    vs = set(val)
+                    train = sorted(f[:-4] for f in os.listdir(aug) if f.endswith(".png") and f[:-4] not in vs)
+            expected = self.EXPECTED["train"]
+        else:
+            warnings.warn(f"{aug} not found: falling back to the 1,464 VOC 2012 train images. The paper trains on "
+                          f"train_aug (10,582 images): download the SBD augmented labels ('SegmentationClassAug', see "
+                          f"README) and unpack them into {base}.")
+            self.label_dir = os.path.join(base, "SegmentationClass")
+            train = _read_list(os.path.join(sets, "train.txt"))
+            expected = self.EXPECTED["train_voc"]
+        if len(train) != expected:
+            warnings.warn(f"VOC train list has {len(train)} ids, the standard protocol has {expected}: results will "
+                          f"not be comparable with the paper (check the list files under {sets}).")
+        if len(val) != self.EXPECTED["val"]:
+            warnings.warn(f"VOC val.txt has {len(val)} ids, the standard protocol has {self.EXPECTED['val']}.")
+        if set(train) & set(val):
+            raise DataError(f"{len(set(train) & set(val))} ids are in both the train list and val.txt; "
+                            f"train_aug must exclude val (see README, 'Datasets')")
+        self.splits = {"train": train, "val": val}
+        for split, ids in self.splits.items():                 # fail early and clearly on missing files
+            for i in (ids[0], ids[-1]) if ids else ():
+                for p in (self._img(i), self._lab(i)):
+                    if not os.path.isfile(p):
+                        raise DataError(f"{p} is missing (listed in the {split} list); check the VOC layout")
+
+    @staticmethod
+    def _download(root):
+        import torchvision  # only needed for --download
+        os.makedirs(root, exist_ok=True)
+        print(f"downloading VOC 2012 trainval into {root}/VOCdevkit (torchvision); SBD labels must be added by hand")
+        torchvision.datasets.VOCSegmentation(root, year="2012", image_set="trainval", download=True)
+
+    def _img(self, i):
+        return os.path.join(self.base, "JPEGImages", i + ".jpg")
+
+    def _lab(self, i):
+        return os.path.join(self.label_dir, i + ".png")
+
+    def read(self, i):
+        return read_image(self._img(i)), read_label(self._lab(i), self.NUM_CLASSES)
+
+    def read_label(self, i):
+        return read_label(self._lab(i), self.NUM_CLASSES)
+
+
+def _read_list(path):
+    if not os.path.isfile(path):
+        raise DataError(f"{path} is missing; check the dataset layout (see README, 'Datasets')")
+    with open(path) as f:
+        return [line.split()[0] for line in f if line.strip()]
+
+
+class CityscapesSource:
+    """Cityscapes fine annotations: leftImg8bit/{train,val}/<city>/<id>_leftImg8bit.png and
+    gtFine/{train,val}/<city>/<id>_gtFine_labelIds.png; label ids mapped to the 19 train ids, the rest 255."""
+    NUM_CLASSES = 19
+    CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+               "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
+    # label id -> train id, from the official cityscapesScripts label table
+    ID_TO_TRAIN = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13,
+                   27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+    EXPECTED = {"train": 2975, "val": 500}
+
+    def __init__(self, root, download=False):
+        if download:
+            raise DataError("Cityscapes cannot be downloaded automatically (it needs a login): get leftImg8bit_trainvaltest.zip "
+                            "and gtFine_trainvaltest.zip from the Cityscapes website and unpack them into --data-root")
+        img_root, lab_root = os.path.join(root, "leftImg8bit"), os.path.join(root, "gtFine")
+        if not (os.path.isdir(img_root) and os.path.isdir(lab_root)):
+            raise DataError(f"no leftImg8bit/ and gtFine/ under --data-root {root!r} (see README, 'Datasets')")
+        self.root = root
+        self.lut = np.full(256, IGNORE, np.uint8)
+        for k, v in self.ID_TO_TRAIN.items():
+            self.lut[k] = v
+        self.splits = {}
+        for split in ("train", "val"):
+            d = os.path.join(img_root, split)
+            ids = sorted(os.path.join(city, f[:-len("_leftImg8bit.png")]) for city in sorted(os.listdir(d)) if os.path.isdir(os.path.join(d, city))
+                         for f in os.listdir(os.path.join(d, city)) if f.endswith("_leftImg8bit.png")) if os.path.isdir(d) else []
+            if not ids:
+                raise DataError(f"no *_leftImg8bit.png under {d}; check the Cityscapes layout")
+            if len(ids) != self.EXPECTED[split]:
+                warnings.warn(f"Cityscapes {split} has {len(ids)} images, the standard protocol has {self.EXPECTED[split]}")
+            for i in (ids[0], ids[-1]):
+                if not os.path.isfile(self._lab(split, i)):
+                    raise DataError(f"{self._lab(split, i)} is missing; check the gtFine layout")
+            self.splits[split] = [f"{split}/{i}" for i in ids]
+
+    def _lab(self, split, i):
+        return os.path.join(self.root, "gtFine", split, i + "_gtFine_labelIds.png")
+
+    def read(self, i):
+        split, rest = i.split("/", 1)
+        img = read_image(os.path.join(self.root, "leftImg8bit", split, rest + "_leftImg8bit.png"))
+        return img, read_label(self._lab(split, rest), self.NUM_CLASSES, self.lut)
+
+    def read_label(self, i):
+        split, rest = i.split("/", 1)
+        return read_label(self._lab(split, rest), self.NUM_CLASSES, self.lut)
+
+
+class SyntheticSource:
+    """An embedded dataset, generated from a seed, nothing to download (see README, 'The synthetic dataset').
+
+    Each image holds 2-3 objects of 5 shape classes (disk, square, triangle, ring, cross) on a cluttered, textured
+    background (class 0). The class is the shape: an object's colour is drawn at random, with only a weak per-class
+    hue preference. Objects overlap (later ones occlude earlier ones), and a one-pixel band just inside each object's
+    border is 255 (ignore), like VOC's boundary band. Clutter (thin lines, small dots, stripes) is background.
+    """
+    NUM_CLASSES = 6
+    CLASSES = ("background", "disk", "square", "triangle", "ring", "cross")
+
+    def __init__(self, size=80, num_train=1000, num_val=200, seed=0):
+        self.size = size
+        rng = np.random.default_rng(seed)
+        n = num_train + num_val
+        self.images = np.empty((n, size, size, 3), np.uint8)
+        self.labels = np.empty((n, size, size), np.uint8)
+        for k in range(n):
+            self.images[k], self.labels[k] = self.draw(rng, size)
+        ids = [f"syn{k:05d}" for k in range(n)]
+        self.index = {i: k for k, i in enumerate(ids)}
+        self.splits = {"train": ids[:num_train], "val": ids[num_train:]}
+
+    @classmethod
+    def draw(cls, rng, s):
+        yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+        # background: a random colour gradient, pixel noise and clutter (all class 0)
+        c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        t = (np.cos(rng.uniform(0, 2 * np.pi)) * xx + np.sin(rng.uniform(0, 2 * np.pi)) * yy) / s
+        img = c0 + (c1 - c0) * ((t - t.min()) / (np.ptp(t) + 1e-6))[..., None]
+        for _ in range(rng.integers(2, 6)):
+            kind, col = rng.integers(3), rng.uniform(0, 255, 3)
+            if kind == 0:    # thin line
+                a, d = rng.uniform(0, np.pi), rng.uniform(-s / 2, s / 2)
+                m = np.abs(np.cos(a) * (xx - s / 2) + np.sin(a) * (yy - s / 2) - d) < rng.uniform(0.5, 1.5)
+            elif kind == 1:  # small dot
+                cy, cx, r = rng.uniform(0, s), rng.uniform(0, s), rng.uniform(1, 3)
+                m = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+            else:            # a patch of stripes
+                cy, cx, r = rng.uniform(0, s), rng.uniform(0, s), rng.uniform(4, 10)
+                m = (np.abs(yy - cy) < r) & (np.abs(xx - cx) < r) & (np.sin(xx * rng.uniform(0.8, 2.0)) > 0.3)
+            img[m] = 0.5 * img[m] + 0.5 * col
+        lab = np.zeros((s, s), np.uint8)
+        inst = np.zeros((s, s), np.int32)
+        for k in range(1, rng.integers(2, 4) + 1):
+            c = int(rng.integers(1, cls.NUM_CLASSES))
+            r = rng.uniform(0.17, 0.27) * s
+            cy, cx = rng.uniform(r * 0.5, s - r * 0.5), rng.uniform(r * 0.5, s - r * 0.5)
+            a = rng.uniform(0, 2 * np.pi)
+            u = np.cos(a) * (xx - cx) + np.sin(a) * (yy - cy)   # object-centred, rotated coordinates
+            v = -np.sin(a) * (xx - cx) + np.cos(a) * (yy - cy)
+            if c == 1:    # disk
+                m = u * u + v * v <= r * r
+            elif c == 2:  # square
+                m = (np.abs(u) <= 0.8 * r) & (np.abs(v) <= 0.8 * r)
+            elif c == 3:  # triangle: three half-planes
+                m = np.ones_like(u, bool)
+                for j in range(3):
+                    b = a + 2 * np.pi * j / 3
+                    m &= np.cos(b) * (xx - cx) + np.sin(b) * (yy - cy) <= 0.55 * r
+            elif c == 4:  # ring
+                d2 = u * u + v * v
+                m = (d2 <= r * r) & (d2 >= (0.45 * r) ** 2)
+            else:         # cross
+                m = ((np.abs(u) <= r) & (np.abs(v) <= 0.35 * r)) | ((np.abs(v) <= r) & (np.abs(u) <= 0.35 * r))
+            hue = (c / (cls.NUM_CLASSES - 1) + rng.normal(0, 0.3)) % 1.0   # weak class hint
+            col = _hsv_to_rgb(hue, rng.uniform(0.3, 1.0), rng.uniform(0.3, 1.0)) * 255
+            shade = 1 + 0.25 * np.sin(xx * rng.uniform(0.2, 0.8) + yy * rng.uniform(0.2, 0.8))[m]
+            img[m] = np.clip(col[None] * shade[:, None], 0, 255)
+            lab[m], inst[m] = c, k
+        # ignore band: object pixels whose 4-neighbour belongs to another object or to the background
+        p = np.pad(inst, 1, mode="edge")
+        edge = ((p[1:-1, 1:-1] != p[:-2, 1:-1]) | (p[1:-1, 1:-1] != p[2:, 1:-1]) |
+                (p[1:-1, 1:-1] != p[1:-1, :-2]) | (p[1:-1, 1:-1] != p[1:-1, 2:])) & (inst > 0)
+        lab[edge] = IGNORE
+        img = img + rng.normal(0, 8, img.shape)
+        return np.clip(img, 0, 255).astype(np.uint8), lab
+
+    def read(self, i):
+        k = self.index[i]
+        return self.images[k], self.labels[k]
+
+    def read_label(self, i):
+        return self.labels[self.index[i]]
+
+
+def _hsv_to_rgb(h, s, v):
+    i, f = int(h * 6) % 6, h * 6 - int(h * 6)
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    return np.array([(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i], np.float32)
+
+
+@functools.lru_cache(maxsize=2)
+def _synthetic(**kwargs):   # read-only, so one copy per process is enough (the tests build it many times)
+    return SyntheticSource(**kwargs)
+
+
+def make_source(name, root=None, download=False, **synthetic_kwargs):
+    """Build a dataset source by name; the sources list their ids in `.splits['train' | 'val']`."""
+    if name == "synthetic":
+        return _synthetic(**synthetic_kwargs)
+    if name not in ("voc", "cityscapes"):
+        raise DataError(f"unknown --data {name!r}; choose one of: voc, cityscapes, synthetic")
+    if not root:
+        raise DataError(f"--data {name} needs --data-root pointing at the dataset (see README, 'Datasets')")
+    if not download and not os.path.isdir(root):
+        raise DataError(f"--data-root {root!r} does not exist (see README, 'Datasets')")
+    return VOCSource(root, download) if name == "voc" else CityscapesSource(root, download)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Labeled / unlabeled split
+# ----------------------------------------------------------------------------------------------------------------
+def labeled_split(train_ids, fraction=None, seed=0, split_file=None):
+    """Returns (labeled_ids, unlabeled_ids).
+
+    With `split_file`, the labeled ids are read from it (one per line), so every method can train on exactly the
+    same split. Otherwise a seeded permutation of the train list is drawn and its first floor(fraction * N) ids are
+    labeled (hung2018 card 5.1: 1/8 of 10,582 -> 1,322 labeled / 9,260 unlabeled).
+    """
+    if split_file:
+        if not os.path.isfile(split_file):
+            raise DataError(f"--split file {split_file!r} does not exist")
+        labeled = _read_list(split_file)
+        unknown = sorted(set(labeled) - set(train_ids))
+        if unknown:
+            raise DataError(f"--split {split_file} names {len(unknown)} ids that are not in the train list "
+                            f"(first: {unknown[0]!r}); was it written for another dataset?")
+        if not labeled:
+            raise DataError(f"--split {split_file} is empty")
+    else:
+        if fraction is None or not (0 < fraction <= 1):
+            raise DataError(f"--labeled must be a fraction in (0, 1], got {fraction}")
+        perm = np.random.default_rng(seed).permutation(len(train_ids))
+        n = max(1, int(math.floor(fraction * len(train_ids))))
+        labeled = [train_ids[k] for k in perm[:n]]
+    chosen = set(labeled)
+    return labeled, [i for i in train_ids if i not in chosen]
+
+
+def write_list(path, ids):
+    with open(path, "w") as f:
+        f.write("".join(i + "\n" for i in ids))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------------------
+class ConfusionMatrix:
+    """C x C confusion matrix accumulated over a whole dataset (rows: ground truth, columns: prediction).
+
+    mIoU is dataset-level: IoU_c = TP / (TP + FP + FN) over all pixels of all images, then the mean over classes.
+    Ground-truth 255 is skipped. A class absent from both prediction and ground truth has no IoU (NaN) and is left out
+    of the mean, not counted as 0. Updates stay on the tensors' device: no host sync until `compute`.
+    """
+
+    def __init__(self, num_classes, device="cpu"):
+        self.n = num_classes
+        self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    def update(self, pred, label):
+        keep = label != IGNORE
+        idx = label[keep].long() * self.n + pred[keep].long()
+        self.mat += torch.bincount(idx, minlength=self.n * self.n).view(self.n, self.n)
+
+    def compute(self):
+        m = self.mat.double().cpu()
+        tp, gt, pr = m.diag(), m.sum(1), m.sum(0)
+        union = gt + pr - tp
+        iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+        present = ~torch.isnan(iou)
+        return {"miou": float(iou[present].mean()) if present.any() else float("nan"),
+                "iou": [None if math.isnan(v) else float(v) for v in iou.tolist()],
+                "pixel_acc": float(tp.sum() / m.sum().clamp(min=1)),
+                "mean_acc": float((tp[gt > 0] / gt[gt > 0]).mean()) if (gt > 0).any() else float("nan")}
+
+
+def format_iou_table(result, class_names):
+    lines = [f"{'class':<16} IoU"]
+    for name, v in zip(class_names, result["iou"]):
+        lines.append(f"{name:<16} {'  n/a' if v is None else f'{100 * v:5.1f}'}")
+    lines.append(f"{'mIoU':<16} {100 * result['miou']:5.1f}")
+    lines.append(f"{'pixel acc':<16} {100 * result['pixel_acc']:5.1f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Palettes and pictures
+# ----------------------------------------------------------------------------------------------------------------
+def voc_palette(n=256):
+    """The standard PASCAL VOC colour map (bit-interleaved class index); 255 -> (224, 224, 192) as in VOC's PNGs."""
+    pal = np.zeros((n, 3), np.uint8)
+    for k in range(n):
+        c, r, g, b = k, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal[k] = (r, g, b)
+    return pal
+
+
+CITYSCAPES_COLORS = [(128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+                     (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+                     (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32)]
+
+
+def palette(name):
+    if name == "cityscapes":
+        pal = np.zeros((256, 3), np.uint8)
+        pal[:19] = CITYSCAPES_COLORS
+        pal[IGNORE] = (255, 255, 255)
+        return pal
+    return voc_palette()
+
+
+def colorize(label, pal):
+    """(H, W) integer label map -> (H, W, 3) uint8 RGB."""
+    return pal[np.asarray(label, dtype=np.int64).clip(0, 255)]
+
+
+def heatmap(conf):
+    """(H, W) values in [0, 1] -> (H, W, 3) uint8, dark blue (0) to yellow (1)."""
+    c = np.clip(np.asarray(conf, np.float32), 0, 1)[..., None]
+    lo, mid, hi = np.float32((20, 20, 90)), np.float32((200, 40, 90)), np.float32((250, 230, 60))
+    return np.where(c < 0.5, lo + (mid - lo) * 2 * c, mid + (hi - mid) * (2 * c - 1)).astype(np.uint8)
+
+
+def denormalize(img, normalize):
+    """Inverse of `Normalize` for pictures: (3, H, W) float tensor -> (H, W, 3) uint8 RGB."""
+    x = img.detach().float().cpu().numpy().transpose(1, 2, 0)
+    if normalize.mode == "imagenet":
+        x = (x * np.float32(normalize.IMAGENET_STD) + np.float32(normalize.IMAGENET_MEAN)) * 255
+    else:
+        x = (x[:, :, ::-1] if normalize.bgr else x) + np.float32(normalize.CAFFE_MEAN_BGR[::-1])
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def save_grid(path, rows):
+    """Save a grid of equally sized (H, W, 3) uint8 pictures, a list of rows, with a 2-pixel white gap."""
+    h, w = rows[0][0].shape[:2]
+    g = 2
+    canvas = np.full((len(rows) * (h + g) - g, max(len(r) for r in rows) * (w + g) - g, 3), 255, np.uint8)
+    for i, row in enumerate(rows):
+        for j, im in enumerate(row):
+            canvas[i * (h + g):i * (h + g) + h, j * (w + g):j * (w + g) + w] = im
+    Image.fromarray(canvas).save(path)
