@@ -1,0 +1,434 @@
+"""Tests for common.py and hung2018.py: CPU only, no network, a few minutes on 2 cores.  Run: python -m pytest -q"""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import common
+import hung2018
+from hung2018 import DeepLabV2, FCDiscriminator, loss_D, loss_adv, loss_ce, loss_semi, loss_seg
+
+TINY = ["--num-steps", "4", "--semi-start", "2", "--batch-size", "4", "--log-every", "1", "--save-every", "2",
+        "--num-pictures", "2"]
+
+
+def run_main(argv):
+    """Run hung2018.main in-process; returns its metrics (None when stopped early)."""
+    return hung2018.main(argv)
+
+
+def read_log(run_dir):
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------------------------------
+def test_end_to_end_synthetic(tmp_path):
+    out = str(tmp_path / "run")
+    metrics = run_main(["--data", "synthetic", "--out", out] + TINY)
+    assert 0.0 <= metrics["miou"] <= 1.0
+    for name in ("args.json", "labeled.txt", "log.jsonl", "last.pt", "metrics.json", "predictions.png"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    log = read_log(out)
+    assert [r["iter"] for r in log] == [1, 2, 3, 4]
+    for r in log:
+        for k in ("loss_ce", "loss_adv", "loss_adv_u", "loss_D"):
+            assert math.isfinite(r[k]), (k, r)
+    assert "loss_semi" in log[-1] and "loss_semi" not in log[0]        # L_semi only from --semi-start
+    with open(os.path.join(out, "labeled.txt")) as f:
+        assert len(f.read().split()) == 125                             # 1/8 of 1,000 synthetic train images
+    with open(os.path.join(out, "metrics.json")) as f:
+        m = json.load(f)
+    assert set(m["iou"]) == set(common.SyntheticSource.CLASSES)
+
+
+def test_baseline_mode_has_no_discriminator(tmp_path):
+    out = str(tmp_path / "base")
+    run_main(["--data", "synthetic", "--out", out, "--lambda-adv", "0", "--lambda-adv-unl", "0",
+              "--lambda-semi", "0"] + TINY)
+    log = read_log(out)
+    assert "loss_D" not in log[0] and "loss_adv_u" not in log[0] and "loss_ce" in log[0]
+
+
+def test_same_seed_same_split_and_losses(tmp_path):
+    runs = []
+    for k in range(2):
+        out = str(tmp_path / f"s{k}")
+        run_main(["--data", "synthetic", "--out", out, "--stop-at", "2"] + TINY)
+        with open(os.path.join(out, "labeled.txt")) as f:
+            runs.append((f.read(), read_log(out)))
+    assert runs[0][0] == runs[1][0]
+    assert runs[0][1][0]["loss_ce"] == runs[1][1][0]["loss_ce"]
+    assert runs[0][1][1]["loss_D"] == runs[1][1][1]["loss_D"]
+    other = common.labeled_split([f"i{k}" for k in range(100)], 0.25, seed=1)[0]
+    assert other != common.labeled_split([f"i{k}" for k in range(100)], 0.25, seed=0)[0]
+
+
+def test_resume_gives_the_same_losses(tmp_path):
+    straight, parted = str(tmp_path / "a"), str(tmp_path / "b")
+    run_main(["--data", "synthetic", "--out", straight] + TINY)
+    assert run_main(["--data", "synthetic", "--out", parted, "--stop-at", "2"] + TINY) is None
+    assert not os.path.exists(os.path.join(parted, "metrics.json"))
+    run_main(["--data", "synthetic", "--resume", parted])
+    a, b = read_log(straight), read_log(parted)
+    assert [r["iter"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for k in ("loss_ce", "loss_adv", "loss_adv_u", "loss_D", "loss_semi"):
+            if k in ra:
+                assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), (k, ra["iter"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Losses against direct formulas
+# ---------------------------------------------------------------------------------------------------------------
+def _logits(*shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)), dtype=torch.float64)
+
+
+def test_loss_ce_direct():
+    pred = _logits(2, 3, 4, 5)
+    label = torch.randint(0, 3, (2, 4, 5), generator=torch.Generator().manual_seed(1))
+    label[0, 0, :] = 255
+    logp = torch.log_softmax(pred, 1)
+    terms = [-logp[n, label[n, h, w], h, w] for n in range(2) for h in range(4) for w in range(5) if label[n, h, w] != 255]
+    assert loss_ce(pred, label).item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-10)
+    changed = label.clone()
+    changed[0, 0, 0] = 1                                          # a class instead of 255 changes L_ce
+    assert loss_ce(pred, changed).item() != pytest.approx(loss_ce(pred, label).item(), rel=1e-10)
+
+
+def test_all_ignored_gives_zero_not_nan():
+    pred = _logits(1, 3, 4, 4).requires_grad_(True)
+    label = torch.full((1, 4, 4), 255)
+    z = _logits(1, 1, 4, 4)
+    for loss in (loss_ce(pred, label), loss_adv(z, label), loss_D(z, label != 255, z, label != 255),
+                 loss_semi(pred, torch.full_like(z, -20.0), 0.2)[0]):
+        assert torch.isfinite(loss) and loss.item() == 0.0
+    loss_ce(pred, label).backward()
+    assert torch.isfinite(pred.grad).all()
+
+
+def test_loss_adv_and_D_direct():
+    z_fake, z_real = _logits(2, 1, 3, 3), _logits(3, 1, 3, 3)
+    lab = torch.zeros(2, 3, 3, dtype=torch.long)
+    lab[1, 2, :] = 255
+    valid = lab != 255
+    sig = torch.sigmoid
+    adv = torch.stack([-torch.log(sig(z_fake[n, 0, h, w])) for n in range(2) for h in range(3) for w in range(3)
+                       if valid[n, h, w]]).mean()
+    assert loss_adv(z_fake, lab).item() == pytest.approx(adv.item(), rel=1e-9)
+    assert loss_adv(z_fake).item() == pytest.approx((-torch.log(sig(z_fake))).mean().item(), rel=1e-9)
+    moved = z_fake.clone()
+    moved[1, 0, 2, :] += 5                                       # D's logits at ignored pixels do not count
+    assert loss_adv(moved, lab).item() == pytest.approx(adv.item(), rel=1e-9)
+    real_valid = torch.ones(3, 3, 3, dtype=torch.bool)
+    fake_term = torch.stack([-torch.log(1 - sig(z_fake[n, 0, h, w])) for n in range(2) for h in range(3)
+                             for w in range(3) if valid[n, h, w]]).mean()
+    real_term = (-torch.log(sig(z_real))).mean()
+    assert loss_D(z_fake, valid, z_real, real_valid).item() == pytest.approx((0.5 * fake_term + 0.5 * real_term).item(),
+                                                                             rel=1e-9)
+
+
+def test_loss_semi_direct_and_constant_mask():
+    pred = _logits(2, 4, 3, 3).requires_grad_(True)
+    z = _logits(2, 1, 3, 3).requires_grad_(True)
+    t = 0.5
+    loss, keep = loss_semi(pred, z, t)
+    conf, target, logp = torch.sigmoid(z.detach()), pred.detach().argmax(1), torch.log_softmax(pred.detach(), 1)
+    terms = [-logp[n, target[n, h, w], h, w] for n in range(2) for h in range(3) for w in range(3) if conf[n, 0, h, w] >= t]
+    assert len(terms) == int(keep.sum()) > 0
+    assert loss.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-10)   # mean over kept pixels only
+    assert torch.equal(keep, conf[:, 0] >= t)
+    loss.backward()
+    assert z.grad is None or not z.grad.any()                                        # mask is a constant
+    assert pred.grad is not None and pred.grad.abs().sum() > 0
+
+
+def test_loss_seg_is_the_weighted_sum():
+    assert loss_seg(1.0, 2.0, 3.0, 4.0, 0.01, 0.001, 0.1) == pytest.approx(1 + 0.02 + 0.003 + 0.4)
+
+
+def test_gradient_isolation():
+    model = DeepLabV2(3, "resnet18", (1, 2, 3, 4), width=8)
+    D = FCDiscriminator(3, ndf=8)
+    x = torch.randn(2, 3, 64, 64)
+    D.requires_grad_(False)
+    pred = hung2018.up(model(x), (64, 64))
+    loss_adv(hung2018.up(D(F.softmax(pred, 1)), (64, 64))).backward()
+    assert all(p.grad is None for p in D.parameters())
+    before = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    D.requires_grad_(True)
+    z = hung2018.up(D(F.softmax(pred.detach(), 1)), (64, 64))
+    loss_D(z, torch.ones(2, 64, 64, dtype=torch.bool), z, torch.ones(2, 64, 64, dtype=torch.bool)).backward()
+    after = [p.grad for p in model.parameters() if p.grad is not None]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(p.grad is not None for p in D.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Networks (card 4 and 10)
+# ---------------------------------------------------------------------------------------------------------------
+def test_deeplab_names_counts_and_torchvision_loading(capsys):
+    import torchvision
+    model = DeepLabV2(21)
+    n_all = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert (n_all, n_train) == (44_048_532, 43_943_188)                                 # card 4.1
+    assert sum(p.numel() for p in model.layer5.parameters()) == 1_548_372
+    tv = torchvision.models.resnet101(weights=None).state_dict()                         # no download: random weights
+    aspp = {f"layer5.conv2d_list.{i}.{t}" for i in range(4) for t in ("weight", "bias")}
+    assert set(model.state_dict()) == (set(tv) - {"fc.weight", "fc.bias"}) | aspp          # card 4.2 names
+    layer5_before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("layer5.")}
+    matched, missing, unused = hung2018.load_pretrained(model, tv, "torchvision resnet101")
+    assert len(matched) == 624 and missing == [] and unused == ["fc.bias", "fc.weight"]
+    assert torch.equal(model.state_dict()["layer3.7.conv2.weight"], tv["layer3.7.conv2.weight"])
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in layer5_before.items())
+    assert "loaded 624/624 backbone tensors" in capsys.readouterr().out
+    assert model.layer2[0].conv1.stride == (2, 2) and model.layer2[0].conv2.stride == (1, 1)   # Caffe: stride in 1x1
+    assert model.layer3[0].conv2.dilation == (2, 2) and model.layer4[0].conv2.dilation == (4, 4)
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 321, 321)).shape == (1, 21, 41, 41)
+
+
+def test_ceil_mode_output_sizes():
+    small = DeepLabV2(19, "resnet18", width=8).eval()
+    with torch.no_grad():
+        assert small(torch.randn(1, 3, 512, 1024)).shape == (1, 19, 65, 129)              # card 10.1
+        assert small(torch.randn(1, 3, 505, 505)).shape == (1, 19, 64, 64)
+
+
+def test_aspp_two_branch_quirk():
+    aspp = hung2018.ASPP(16, 3, branches=2)
+    x = torch.randn(1, 16, 9, 9)
+    c = aspp.conv2d_list
+    assert torch.allclose(aspp(x), c[0](x) + c[1](x))
+    with torch.no_grad():
+        c[2].weight.add_(1.0), c[3].weight.add_(1.0)
+    assert torch.allclose(aspp(x), c[0](x) + c[1](x))
+    aspp.branches = 4
+    assert torch.allclose(aspp(x), c[0](x) + c[1](x) + c[2](x) + c[3](x))
+
+
+def test_discriminator_shape_and_count():
+    D = FCDiscriminator(21)
+    assert sum(p.numel() for p in D.parameters()) == 2_783_169                           # card 4.3
+    assert sum(p.numel() for p in FCDiscriminator(19).parameters()) == 2_781_121
+    assert D(torch.randn(1, 21, 321, 321)).shape == (1, 1, 10, 10)
+    assert FCDiscriminator(21, fcd=False)(torch.randn(2, 21, 64, 64)).shape == (2, 1, 1, 1)
+
+
+def test_bn_frozen_affine_and_statistics():
+    model = DeepLabV2(3, "resnet18", (1, 2, 3, 4), width=8)
+    args = hung2018.resolve_args(hung2018.get_parser().parse_args(["--data", "synthetic"]))
+    opt_S, _ = hung2018.make_optimizers(model, FCDiscriminator(3, ndf=8), args)
+    in_opt = {id(p) for g in opt_S.param_groups for p in g["params"]}
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            assert not m.weight.requires_grad and id(m.weight) not in in_opt and id(m.bias) not in in_opt
+    for freeze, changes in ((False, True), (True, False)):
+        before = model.bn1.running_mean.clone()
+        hung2018.set_train_mode(model, freeze)
+        model(torch.randn(2, 3, 32, 32))
+        assert (not torch.equal(before, model.bn1.running_mean)) == changes
+
+
+def test_poly_schedule_and_official_optimizer():
+    model = DeepLabV2(3, "resnet18", (1, 2, 3, 4), width=8)
+    D = FCDiscriminator(3, ndf=8)
+    args = hung2018.resolve_args(hung2018.get_parser().parse_args(
+        ["--data", "voc", "--official-quirks", "--num-steps", "100"]))                   # the paper's schedule
+    assert args.weight_decay == 5e-4 and args.aspp_branches == 2 and args.nesterov is False
+    opt_S, opt_D = hung2018.make_optimizers(model, D, args)
+    hung2018.poly_lr(opt_S, opt_D, 0, args)
+    assert (opt_S.param_groups[0]["lr"], opt_S.param_groups[1]["lr"], opt_D.param_groups[0]["lr"]) == \
+        pytest.approx((2.5e-4, 2.5e-3, 1e-4))
+    hung2018.poly_lr(opt_S, opt_D, 50, args)
+    assert opt_S.param_groups[0]["lr"] == pytest.approx(2.5e-4 * 0.5 ** 0.9)
+    # sub-steps: stem 1, block conv 3, downsample 4 (card 5.1.5), checked against a hand-written momentum SGD
+    named = dict(model.named_parameters())
+    for name, k in (("conv1.weight", 1), ("layer1.0.conv1.weight", 3), ("layer2.0.downsample.0.weight", 4)):
+        p = named[name]
+        p.grad = torch.ones_like(p)
+        w0 = p.detach().clone()
+        ref, buf = w0.clone(), torch.zeros_like(w0)
+        for _ in range(k):
+            buf = 0.9 * buf + (1 + 5e-4 * ref)
+            ref = ref - opt_S.param_groups[0]["lr"] * buf
+        opt_S.step()
+        assert torch.allclose(p.detach(), ref, atol=1e-7), name
+        for q in model.parameters():
+            q.grad = None
+        opt_S.state.clear()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data and metrics
+# ---------------------------------------------------------------------------------------------------------------
+def test_miou_hand_made():
+    cm = common.ConfusionMatrix(3)
+    lab = torch.tensor([[0, 1, 255]])
+    cm.update(lab.clamp(max=2), lab)                 # perfect where labeled; the 255 pixel predicted "2" is skipped
+    r = cm.compute()
+    assert r["miou"] == 1.0 and r["iou"][2] is None   # class 2 absent from prediction and truth: not counted as 0
+    # dataset-level IoU differs from the mean of per-image IoUs
+    a_pred, a_lab = torch.tensor([[1, 1, 1, 1]]), torch.tensor([[1, 1, 1, 0]])
+    b_pred, b_lab = torch.tensor([[0, 0]]), torch.tensor([[0, 1]])
+    cm = common.ConfusionMatrix(2)
+    cm.update(a_pred, a_lab), cm.update(b_pred, b_lab)
+    ds = cm.compute()["miou"]
+    per_image = []
+    for p, l in ((a_pred, a_lab), (b_pred, b_lab)):
+        c = common.ConfusionMatrix(2)
+        c.update(p, l)
+        per_image.append(c.compute()["miou"])
+    assert ds == pytest.approx((1 / 3 + 3 / 5) / 2) and ds != pytest.approx(np.mean(per_image))
+
+
+def test_split_fractions_and_file(tmp_path):
+    ids = [f"i{k:05d}" for k in range(10582)]
+    lab, unl = common.labeled_split(ids, 0.125, seed=0)
+    assert (len(lab), len(unl)) == (1322, 9260) and not set(lab) & set(unl)           # card 5.1
+    path = tmp_path / "split.txt"
+    common.write_list(path, lab)
+    assert common.labeled_split(ids, None, split_file=str(path))[0] == lab
+
+
+def test_synthetic_is_deterministic_and_labeled():
+    a, b = common.SyntheticSource(32, 6, 2, seed=3), common.SyntheticSource(32, 6, 2, seed=3)
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
+    values = set(np.unique(a.labels).tolist())
+    assert values <= set(range(6)) | {255} and 255 in values and len(values - {0, 255}) >= 2
+
+
+def test_transforms_pad_scale_and_normalise():
+    norm = common.Normalize("caffe", bgr=False)
+    white = norm(np.full((1, 1, 3), 255, np.uint8))[0, 0]
+    assert white == pytest.approx([255 - 122.67891434, 255 - 116.66876762, 255 - 104.00698793])   # card 10.11
+    assert norm(np.full((1, 1, 3), 255, np.uint8))[0, 0, 0] != common.Normalize("caffe")(np.full((1, 1, 3), 255, np.uint8))[0, 0, 0]
+    img, lab = np.full((10, 12, 3), 200, np.uint8), np.ones((10, 12), np.uint8)
+    x, y = common.TrainTransform(norm, crop=(16, 16))(img, lab, __import__("random").Random(0))
+    assert x.shape == (3, 16, 16) and y.shape == (16, 16)
+    assert (y == 255).sum() == 16 * 16 - 10 * 12 and (x[:, y == 255] == 0).all()        # padding: 0 and 255
+    scales = {common.TrainTransform(norm, scales=[0.5 + k / 10 for k in range(12)])(img, lab, __import__("random").Random(s))[1].shape
+              for s in range(60)}
+    assert len(scales) > 5
+    g = common.LabelTransform(crop=(16, 16))(lab, __import__("random").Random(0))
+    assert g.shape == (16, 16) and not (g == 255).any()                               # D's real maps: never padded
+
+
+def test_cityscapes_mapping(tmp_path):
+    for split in ("train", "val"):
+        d, g = tmp_path / "leftImg8bit" / split / "aachen", tmp_path / "gtFine" / split / "aachen"
+        d.mkdir(parents=True), g.mkdir(parents=True)
+        Image.fromarray(np.zeros((4, 8, 3), np.uint8)).save(d / "aachen_000000_000019_leftImg8bit.png")
+        Image.fromarray(np.array([[7, 8, 26, 33, 0, 1, 4, 5]] * 4, np.uint8)).save(g / "aachen_000000_000019_gtFine_labelIds.png")
+    with pytest.warns(UserWarning):
+        src = common.CityscapesSource(str(tmp_path))
+    assert src.splits["val"] == ["val/aachen/aachen_000000_000019"]
+    _, lab = src.read(src.splits["train"][0])
+    assert lab[0].tolist() == [0, 1, 13, 18, 255, 255, 255, 255]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit code 2, no traceback, no run folder that looks complete
+# ---------------------------------------------------------------------------------------------------------------
+def make_voc(root, n_train=6, n_val=2, bad_label=None, bad_image=None):
+    base = root / "VOC2012"
+    for d in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
+        (base / d).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    ids = [f"2007_{k:06d}" for k in range(n_train + n_val)]
+    for i in ids:
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(base / "JPEGImages" / f"{i}.jpg")
+        lab = rng.integers(0, 21, (40, 48)).astype(np.uint8)
+        lab[0] = 255
+        Image.fromarray(lab).save(base / "SegmentationClassAug" / f"{i}.png")
+    if bad_label:
+        lab = np.zeros((40, 48), np.uint8)
+        lab[5, 5] = 30
+        for i in ids:
+            Image.fromarray(lab).save(base / "SegmentationClassAug" / f"{i}.png")
+    if bad_image:
+        for i in ids:
+            (base / "JPEGImages" / f"{i}.jpg").write_bytes(b"not a jpeg")
+    (base / "ImageSets/Segmentation/train_aug.txt").write_text("\n".join(ids[:n_train]) + "\n")
+    (base / "ImageSets/Segmentation/val.txt").write_text("\n".join(ids[n_train:]) + "\n")
+    return ids
+
+
+VOC_SMALL = ["--data", "voc", "--backbone", "resnet18", "--width", "8", "--init", "none", "--num-steps", "2",
+             "--batch-size", "2", "--crop-size", "33", "33", "--labeled", "0.5", "--log-every", "1"]
+
+
+def test_voc_layout_end_to_end(tmp_path):
+    make_voc(tmp_path / "voc")
+    out = str(tmp_path / "run")
+    metrics = run_main(VOC_SMALL + ["--data-root", str(tmp_path / "voc"), "--out", out])
+    assert 0 <= metrics["miou"] <= 1 and len(metrics["iou"]) == 21
+
+
+def expect_error(capsys, argv, *fragments, out=None):
+    with pytest.raises(SystemExit) as e:
+        run_main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in err if not line.startswith("warning:")]
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
+    for f in fragments:
+        assert f in err[0], (f, err[0])
+    if out is not None:
+        assert not os.path.exists(os.path.join(out, "metrics.json"))
+
+
+def test_bad_inputs(tmp_path, capsys):
+    expect_error(capsys, ["--data", "voc", "--data-root", str(tmp_path / "nowhere")], "does not exist")
+    (tmp_path / "empty").mkdir()
+    expect_error(capsys, ["--data", "voc", "--data-root", str(tmp_path / "empty")], "VOC2012/JPEGImages")
+    expect_error(capsys, ["--data", "cityscapes", "--data-root", str(tmp_path / "empty")], "leftImg8bit")
+    expect_error(capsys, ["--data", "imagenet"], "unknown --data")
+    expect_error(capsys, ["--data", "synthetic", "--labeled", "0"], "(0, 1]")
+    expect_error(capsys, ["--data", "synthetic", "--labeled", "1.5"], "(0, 1]")
+    expect_error(capsys, ["--data", "synthetic", "--labeled", "abc"], "invalid float")
+    split = tmp_path / "split.txt"
+    split.write_text("syn00001\nnot_an_id\n")
+    expect_error(capsys, ["--data", "synthetic", "--split", str(split)], "not_an_id")
+    expect_error(capsys, ["--data", "synthetic", "--resume", str(tmp_path / "empty")], "nothing to resume")
+
+
+def test_bad_label_and_image(tmp_path, capsys):
+    make_voc(tmp_path / "a", bad_label=True)
+    out = str(tmp_path / "ra")
+    expect_error(capsys, VOC_SMALL + ["--data-root", str(tmp_path / "a"), "--out", out], "contains value 30", out=out)
+    make_voc(tmp_path / "b", bad_image=True)
+    out = str(tmp_path / "rb")
+    expect_error(capsys, VOC_SMALL + ["--data-root", str(tmp_path / "b"), "--out", out], "cannot read image",
+                 ".jpg", out=out)
+    # the same errors raised inside a loader worker process are still one line
+    expect_error(capsys, VOC_SMALL + ["--data-root", str(tmp_path / "b"), "--out", out + "w", "--workers", "1"],
+                 "cannot read image", out=out + "w")
+
+
+def test_bad_checkpoints(tmp_path, capsys):
+    wrong = tmp_path / "r18.pth"
+    torch.save(DeepLabV2(6, "resnet18", width=8).state_dict(), wrong)
+    expect_error(capsys, ["--data", "synthetic", "--init", "coco", "--restore-from", str(wrong)], "other shapes")
+    nothing = tmp_path / "nothing.pth"
+    torch.save({"foo.weight": torch.zeros(3)}, nothing)
+    expect_error(capsys, ["--data", "synthetic", "--init", "coco", "--restore-from", str(nothing)],
+                 "matches no backbone tensor")
+    expect_error(capsys, ["--data", "synthetic", "--init", "coco", "--restore-from", str(tmp_path / "missing.pth")],
+                 "does not exist")
+    # a resume checkpoint that does not fit the run's network
+    out = tmp_path / "run"
+    run_main(["--data", "synthetic", "--out", str(out), "--stop-at", "2"] + TINY)
+    args = json.loads((out / "args.json").read_text())
+    args["width"] = 16
+    (out / "args.json").write_text(json.dumps(args))
+    expect_error(capsys, ["--data", "synthetic", "--resume", str(out)], "does not fit")
