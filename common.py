@@ -162,7 +162,7 @@ class LabelTransform:
             lab = lab[y:y + ch, x:x + cw]
         if self.mirror and rng.random() < 0.5:
             lab = lab[:, ::-1]
-        return torch.from_numpy(np.ascontiguousarray(lab)).long()
+        return torch.from_numpy(np.array(lab, dtype=np.int64))
 
 
 class EvalTransform:
@@ -190,7 +190,7 @@ class EvalTransform:
 
 def to_tensors(img, lab):
     img = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))   # (3, H, W) float32
-    return img, torch.from_numpy(np.ascontiguousarray(lab)).long()        # (H, W) int64
+    return img, torch.from_numpy(np.array(lab, dtype=np.int64))           # (H, W) int64, a writable copy
 
 
 # ----------------------------------------------------------------------------------------------------------------
