@@ -554,9 +554,11 @@ class ConfusionMatrix:
         self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
 
     def update(self, pred, label):
-        keep = label != IGNORE
-        idx = label[keep].long() * self.n + pred[keep].long()
-        self.mat += torch.bincount(idx, minlength=self.n * self.n).view(self.n, self.n)
+        # ignored pixels go to an extra bin that is dropped: fixed-size index_add_, no boolean indexing, no sync
+        idx = torch.where(label == IGNORE, self.n * self.n, label.long() * self.n + pred.long()).flatten()
+        counts = torch.zeros(self.n * self.n + 1, dtype=torch.int64, device=idx.device)
+        counts.index_add_(0, idx, torch.ones_like(idx))
+        self.mat += counts[:-1].view(self.n, self.n)
 
     def compute(self):
         m = self.mat.double().cpu()
