@@ -1,4 +1,4 @@
-"""Tests for common.py and hung2018.py: CPU only, no network, a few minutes on 2 cores.  Run: python -m pytest -q"""
+"""Tests for common.py, hung2018.py and latent_classes.py: CPU only, no network, a few minutes on 2 cores.  Run: python -m pytest -q"""
 import json
 import math
 import os
@@ -432,3 +432,192 @@ def test_bad_checkpoints(tmp_path, capsys):
     args["width"] = 16
     (out / "args.json").write_text(json.dumps(args))
     expect_error(capsys, ["--data", "synthetic", "--resume", str(out)], "does not fit")
+
+
+# ===============================================================================================================
+# latent_classes.py (Sawatzky et al.; card ../shared/methods/latent_classes.md, sec. 11)
+# ===============================================================================================================
+import latent_classes as lc  # noqa: E402  (kept beside its tests so each script's section reads on its own)
+
+LC_TINY = ["--num-steps", "4", "--cons-start", "2", "--batch-size", "4", "--log-every", "1", "--save-every", "2",
+           "--num-pictures", "2", "--num-latent", "5"]
+
+
+def _probs(*shape, seed=0):
+    return torch.softmax(torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), 1)
+
+
+def _labels(n, h, w, C, seed=0):
+    return torch.randint(0, C, (n, h, w), generator=torch.Generator().manual_seed(seed))
+
+
+def test_lc_end_to_end_synthetic(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    metrics = lc.main(["--data", "synthetic", "--out", out] + LC_TINY)
+    assert 0.0 <= metrics["miou"] <= 1.0
+    for name in ("args.json", "labeled.txt", "log.jsonl", "last.pt", "metrics.json", "predictions.png",
+                 "p_l_given_c.png"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    log = read_log(out)
+    assert [r["iter"] for r in log] == [1, 2, 3, 4]
+    for r in log:                                     # card 11.7: everything but L_cons from iteration 0
+        for k in ("loss_ce", "loss_latent", "loss_adv", "loss_adv_u", "loss_D"):
+            assert math.isfinite(r[k]), (k, r)
+    assert [("loss_cons" in r) for r in log] == [False, False, True, True]          # L_cons from --cons-start
+    assert "alpha 0.03200" in capsys.readouterr().out                             # alpha = N / labeled = 4 / 125
+    M = torch.load(os.path.join(out, "last.pt"), weights_only=True)["M"]
+    assert M.dtype == torch.float64 and M.shape == (6, 5) and (M > 0).all()
+    P = torch.tensor(metrics["p_l_given_c"])
+    assert P.shape == (6, 5) and torch.allclose(P.sum(1), torch.ones(6), atol=1e-4)
+    assert set(metrics["effective_latent"]) == {"0.1", "0.9"} and metrics["cons_grad"] == "semantic"
+
+
+def test_lc_resume_gives_the_same_losses_and_M(tmp_path):
+    straight, parted = str(tmp_path / "a"), str(tmp_path / "b")
+    lc.main(["--data", "synthetic", "--out", straight] + LC_TINY)
+    assert lc.main(["--data", "synthetic", "--out", parted, "--stop-at", "2"] + LC_TINY) is None
+    lc.main(["--data", "synthetic", "--resume", parted])
+    a, b = read_log(straight), read_log(parted)
+    assert [r["iter"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for k in ("loss_ce", "loss_latent", "loss_adv", "loss_adv_u", "loss_cons", "loss_D"):
+            if k in ra:
+                assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), (k, ra["iter"])
+    Ma = torch.load(os.path.join(straight, "last.pt"), weights_only=True)["M"]
+    Mb = torch.load(os.path.join(parted, "last.pt"), weights_only=True)["M"]
+    assert torch.allclose(Ma, Mb, rtol=1e-4)                                        # M restored on resume
+
+
+def test_lc_baseline_mode_and_shared_substrate(tmp_path):
+    base = str(tmp_path / "base")
+    lc.main(["--data", "synthetic", "--out", base, "--lambda-latent", "0", "--lambda-cons", "0", "--lambda-adv", "0",
+             "--lambda-adv-unl", "0"] + LC_TINY)
+    assert set(read_log(base)[0]) == {"iter", "loss_ce", "img_per_s", "lr"}           # Table 3 baseline: L_ce only
+    assert not os.path.exists(os.path.join(base, "p_l_given_c.png"))               # latent head never run
+    # card 11.10: with the latent terms off, the first iteration's L_ce is hung2018's (same backbone, layer5, data)
+    hung = str(tmp_path / "hung")
+    run_main(["--data", "synthetic", "--out", hung, "--lambda-semi", "0", "--stop-at", "1"] + TINY)
+    lat = str(tmp_path / "lat")
+    lc.main(["--data", "synthetic", "--out", lat, "--lambda-latent", "0", "--lambda-cons", "0", "--stop-at", "1"]
+            + LC_TINY)
+    assert read_log(hung)[0]["loss_ce"] == pytest.approx(read_log(lat)[0]["loss_ce"], rel=1e-6)
+
+
+def test_lc_loss_latent_direct_and_properties():
+    C, L = 4, 3
+    prob_l = _probs(2, L, 5, 6, seed=1).requires_grad_(True)
+    y = _labels(2, 5, 6, C, seed=2)
+    y[y == 3] = 0                                              # class 3 absent from the batch (card 11.3e)
+    y[0, 0, :] = 255
+    valid = y != 255
+    V = int(valid.sum())
+    J = torch.zeros(C, L, dtype=torch.float64)
+    for n in range(2):
+        for h in range(5):
+            for w in range(6):
+                if valid[n, h, w]:
+                    J[y[n, h, w]] += prob_l[n, :, h, w].detach()
+    J /= V                                                     # Eq. (2), divided by the valid pixels
+    direct = -sum(J[c, l] * math.log(J[c, l] / J[:, l].sum()) for c in range(C) for l in range(L) if J[c, l] > 0)
+    loss = lc.loss_latent(prob_l, y, C)
+    assert loss.item() == pytest.approx(float(direct), rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(prob_l.grad).all()                                        # (e) no NaN with an absent class
+    assert prob_l.grad[0, :, 0, :].abs().max() == 0                                 # (d) 255 pixels: no gradient
+    norm_all = lc.loss_latent(prob_l.detach(), y, C, norm="all")                    # deviation 3: a scale factor
+    assert norm_all.item() == pytest.approx(loss.item() * V / y.numel(), rel=1e-6)
+    assert lc.loss_latent(prob_l.detach()[:, [2, 0, 1]], y, C).item() == pytest.approx(loss.item(), rel=1e-9)   # (c)
+    # (a) one-hot latent, each latent class holding one semantic class: 0; (b) all mass in one latent class: H(C)
+    y2 = _labels(2, 5, 6, 3, seed=3)
+    pure = F.one_hot(y2, 3).permute(0, 3, 1, 2).double()
+    assert lc.loss_latent(pure, y2, 3).item() == pytest.approx(0.0, abs=1e-6)
+    one = torch.zeros(2, 3, 5, 6, dtype=torch.float64)
+    one[:, 1] = 1
+    freq = torch.bincount(y2.flatten(), minlength=3).double() / y2.numel()
+    H_C = -(freq * freq.log()).sum()
+    assert lc.loss_latent(one, y2, 3).item() == pytest.approx(H_C.item(), rel=1e-6)
+
+
+def test_lc_M_and_p_l_given_c():
+    C, L = 3, 4
+    M = torch.zeros(C, L, dtype=torch.float64)
+    assert torch.allclose(lc.p_l_given_c(M), torch.full((C, L), 0.25, dtype=torch.float64))   # unseen: uniform rows
+    prob_l = _probs(2, L, 4, 4, seed=4)
+    y = _labels(2, 4, 4, C, seed=5)
+    y[y == 2] = 1                                              # class 2 never seen
+    cooc = lc.cooccurrence(prob_l, y, C)
+    lc.update_M(M, cooc, alpha=0.3)
+    P = lc.p_l_given_c(M)
+    assert torch.allclose(P[:2], cooc[:2] / cooc[:2].sum(1, keepdim=True))          # whatever alpha is
+    assert torch.allclose(P[2], torch.full((L,), 0.25, dtype=torch.float64))
+    lc.update_M(M, 2 * cooc, alpha=0.5)                                             # Eq. (8) by hand
+    assert torch.allclose(M, 0.5 * 0.3 * cooc + 0.5 * 2 * cooc)
+    eff = torch.tensor([[0.95, 0.05, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 0, 0]], dtype=torch.float64)
+    assert (lc.effective_latent(eff, 0.1), lc.effective_latent(eff, 0.9)) == (2, 1)   # Table 4; row 2 unseen
+
+
+def test_lc_map_to_latent_and_loss_cons_direct():
+    C, L = 3, 2
+    prob_c = _probs(2, C, 3, 3, seed=6)
+    P = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]], dtype=torch.float64)
+    s_hat = lc.map_to_latent(prob_c, P)
+    assert torch.allclose(s_hat.sum(1), torch.ones(2, 3, 3, dtype=torch.float64))
+    assert torch.allclose(lc.map_to_latent(prob_c, torch.eye(C, dtype=torch.float64)), prob_c)   # C = L, identity
+    pred_u, lat_u = _logits(2, C, 3, 3), _logits(2, L, 3, 3)
+    s_l, s_c = torch.softmax(lat_u, 1), torch.softmax(pred_u, 1)
+    terms = [-sum(s_l[n, l, h, w] * math.log(sum(P[c, l] * s_c[n, c, h, w] for c in range(C))) for l in range(L))
+             for n in range(2) for h in range(3) for w in range(3)]
+    assert lc.loss_cons(pred_u, lat_u, P).item() == pytest.approx(float(sum(terms) / len(terms)), rel=1e-9)
+
+
+@pytest.mark.parametrize("mode, sem, lat", [("semantic", True, False), ("latent", False, True), ("both", True, True)])
+def test_lc_gradient_routing(mode, sem, lat):
+    torch.manual_seed(0)
+    model = lc.DeepLabV2(3, 4, "resnet18", (1, 2, 3, 4), width=8)
+    P = lc.p_l_given_c(torch.rand(3, 4, dtype=torch.float64)).requires_grad_(False)
+    pred, latent = model(torch.randn(2, 3, 48, 48))
+    lc.loss_cons(pred, latent, P, mode).backward()                                # card 11.6
+    has = lambda m: any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+    assert (has(model.layer5), has(model.layer6), has(model.layer4)) == (sem, lat, True)
+    model.zero_grad(set_to_none=True)
+    pred, latent = model(torch.randn(2, 3, 48, 48))
+    y = torch.randint(0, 3, (2, 48, 48))
+    lc.loss_latent(F.softmax(lc.up(latent, (48, 48)), 1), y, 3).backward()        # card 11.3f
+    assert (has(model.layer5), has(model.layer6), has(model.layer4)) == (False, True, True)
+
+
+def test_lc_network_counts_and_loading(capsys):
+    import torchvision
+    model = lc.DeepLabV2(21, 20)
+    assert sum(p.numel() for p in model.layer6.parameters()) == 1_474_640            # card 11.2
+    assert sum(p.numel() for p in model.parameters()) == 45_523_172
+    assert sum(p.numel() for p in lc.FCDiscriminator(21).parameters()) == 2_783_169
+    assert lc.FCDiscriminator(21).conv1.in_channels == 21                            # D sees C channels, never L
+    heads = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("layer5.", "layer6."))}
+    tv = torchvision.models.resnet101(weights=None).state_dict()
+    matched, missing, unused = lc.load_pretrained(model, tv, "torchvision resnet101")
+    assert len(matched) == 624 and missing == [] and unused == ["fc.bias", "fc.weight"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in heads.items())    # heads never loaded
+    with torch.no_grad():
+        sem, lat = model.eval()(torch.randn(1, 3, 321, 321))
+    assert sem.shape == (1, 21, 41, 41) and lat.shape == (1, 20, 41, 41)
+    capsys.readouterr()
+
+
+def test_lc_bad_inputs(tmp_path, capsys):
+    def expect(argv, fragment):
+        with pytest.raises(SystemExit) as e:
+            lc.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and fragment in err[0], err
+    expect(["--data", "synthetic", "--num-latent", "0"], "--num-latent")
+    expect(["--data", "synthetic", "--labeled", "2"], "(0, 1]")
+    expect(["--data", "pascal"], "unknown --data")
+    expect(["--data", "synthetic", "--cons-grad", "sideways"], "invalid choice")
+    expect(["--data", "synthetic", "--resume", str(tmp_path)], "nothing to resume")
+    out = tmp_path / "run"
+    lc.main(["--data", "synthetic", "--out", str(out), "--stop-at", "2"] + LC_TINY)
+    args = json.loads((out / "args.json").read_text())
+    args["num_latent"] = 7                                      # the checkpoint's layer6 and M no longer fit
+    (out / "args.json").write_text(json.dumps(args))
+    expect(["--data", "synthetic", "--resume", str(out)], "does not fit")
