@@ -39,16 +39,19 @@ Deviations and choices (paper / Hung's released code, which this paper kept / th
  8. Unlabeled L_adv from iteration 0 (Hung's code); only L_cons waits 5000 iterations. Hung's L_semi is not used.
  9. D's fakes: labeled and unlabeled semantic predictions (paper: "labeled and unlabeled data"), the real maps a
     separate stream of labeled ground truth, each half weighted 1/2 (Hung's code).
-10. Shared with hung2018.py, same defaults and flags (methods/README rule 3): weight decay 1e-4 (Hung's code: 5e-4,
-    `--weight-decay 5e-4`), Nesterov (`--no-nesterov`), random scaling on VOC (`--no-random-scale`), 4 ASPP
-    branches in both heads (`--aspp-branches 2`), each backbone weight once in SGD (`--official-optimizer`), BGR for
-    the Caffe COCO weights (`--rgb-input`), BN affine frozen with batch statistics (`--freeze-bn-stats`).
-    `--official-quirks` turns all of them on.
-11. Mirroring on (this paper, Sec. 4.1; hung2018.py follows Hung's paper: off).
+10. Shared with hung2018.py, same defaults and flags (methods/README rule 3); the quirks of Hung's released code,
+    which this paper's authors very likely inherited, are flags that `--official-quirks` turns on together: weight
+    decay 5e-4 (default 1e-4), no Nesterov, the 2-branch ASPP bug in both heads (`--aspp-branches 2`), 3-4 SGD
+    sub-steps per backbone weight (`--official-optimizer`), RGB fed to the Caffe COCO weights (`--rgb-input`).
+    BN: affine frozen, batch statistics (Hung's code; `--freeze-bn-stats` for frozen statistics, not a quirk).
+11. Random scaling and mirroring on (this paper, Sec. 4.1; hung2018.py follows Hung: no mirroring, and its
+    `--official-quirks` also drops scaling, which Hung's released command did; this paper states it, so not here).
 12. Cityscapes: images and labels resized to 512x1024, then random scale, 505x505 crops and mirroring; evaluation at
     512x1024 against nearest-resized labels (`--eval-full-res` for 1024x2048). The paper does not give the base size.
 13. The `synthetic` preset is not the paper's setting: ResNet-18 at width 32 from scratch, ASPP rates 1-4, Adam
-    (no 10x heads), D at width 16, 1,500 steps, L_cons from step 375 (the paper's 1/4), L = 20 (see PRESETS).
+    (lr 5e-4, no 10x heads), D at width 16, 1,500 steps, L_cons from step 375 (the paper's 1/4), L = 20 (see PRESETS).
+14. As in hung2018.py: upsampling to (H, W) (Hung's code: (W, H), which only matters for non-square crops), and
+    `--init imagenet` puts the stride in the 3x3 conv as torchvision trained it, with ImageNet normalisation.
 """
 import argparse
 import datetime
@@ -97,8 +100,7 @@ PRESETS = {
                       save_every=400, log_every=100),
 }
 # Behaviour of Hung's released code that differs from the defaults (methods/README rule 2); see deviation 10.
-OFFICIAL_QUIRKS = dict(weight_decay=5e-4, nesterov=False, random_scale=False, aspp_branches=2,
-                       official_optimizer=True, rgb_input=True)
+OFFICIAL_QUIRKS = dict(weight_decay=5e-4, nesterov=False, aspp_branches=2, official_optimizer=True, rgb_input=True)
 SYNTHETIC_SIZE = dict(size=80, num_train=1000, num_val=200)
 
 
@@ -237,7 +239,7 @@ class BasicBlock(nn.Module):
 
 
 class ASPP(nn.Module):
-    """DeepLab-v2 ASPP (card 5.1): parallel 3x3 convs with bias at rates 6/12/18/24, outputs summed; no BN/ReLU.
+    """DeepLab-v2 ASPP (card 5.2): parallel 3x3 convs with bias at rates 6/12/18/24, outputs summed; no BN/ReLU.
 
     `branches=2` reproduces the released code's bug (return inside the loop: rate 6 + rate 12 only). All four convs
     always exist so that checkpoints stay interchangeable."""
@@ -247,7 +249,7 @@ class ASPP(nn.Module):
         self.branches = branches
         self.conv2d_list = nn.ModuleList(
             nn.Conv2d(in_channels, num_classes, 3, padding=r, dilation=r, bias=True) for r in rates)
-        for conv in self.conv2d_list:           # card 5.1: N(0, 0.01), bias 0 ([I])
+        for conv in self.conv2d_list:           # card 5.2: N(0, 0.01), bias 0 ([I])
             nn.init.normal_(conv.weight, 0, 0.01)
             nn.init.zeros_(conv.bias)
 
@@ -336,7 +338,7 @@ class FCDiscriminator(nn.Module):
 
 
 def up(x, size):
-    """Bilinear upsampling with align_corners=True (card 2), to (H, W) of the crop (deviation 12)."""
+    """Bilinear upsampling with align_corners=True (card 2), to (H, W) of the crop (deviation 14)."""
     return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
 
@@ -400,7 +402,7 @@ def update_M(M, cooc, alpha):
 # Eq. (9): P(l | c) = M_cl / sum_k M_ck; a class never seen yet gets the uniform row 1/L (deviation 5)
 def p_l_given_c(M):
     rows = M.sum(1, keepdim=True)                                          # (C, 1)
-    return torch.where(rows > 0, M / rows.clamp(min=EPS), torch.full_like(M, 1.0 / M.shape[1]))
+    return torch.where(rows > 0, M / rows.clamp(min=torch.finfo(M.dtype).tiny), torch.full_like(M, 1.0 / M.shape[1]))
 
 
 # Eq. (7): S_hat(l) = sum_c P(l | c) S_c(c): the semantic prediction mapped to latent space; sums to 1 over l
@@ -438,9 +440,9 @@ def effective_latent(M, t):
 # Optimisation (Sec. 4.1, Hung's): SGD for S with 10x learning rate on both heads, Adam for D, both poly decay
 # ================================================================================================================
 class OfficialSGD(torch.optim.Optimizer):
-    """Quirk of Hung's released code (deviation 10, card 6.1.3): each parameter listed k times in SGD takes k momentum sub-steps
-    with the same gradient and a shared momentum buffer. Written out here because passing duplicates to torch.optim
-    is undefined. Modern weight decay semantics (decay recomputed each sub-step), no Nesterov."""
+    """Quirk of Hung's released code (deviation 10, card 6.1.3): each parameter listed k times in SGD takes k
+    momentum sub-steps with the same gradient and a shared momentum buffer. Written out here because passing
+    duplicates to torch.optim is undefined. Modern weight decay semantics (decay recomputed each sub-step)."""
 
     def __init__(self, param_groups, momentum, weight_decay):
         super().__init__(param_groups, dict(lr=0.0, momentum=momentum, weight_decay=weight_decay, k=None))
@@ -643,7 +645,7 @@ def train(args, run_dir, model, D, M, alpha, opt_S, opt_D, streams, val_loader, 
                 z_u = up(D(F.softmax(pred_u, 1)).float(), x_u.shape[-2:]) if adv_u_on else None   # (N, 1, H, W)
             l_adv_u = loss_adv(z_u) if adv_u_on else 0
             if cons_on:
-                lat_u = up(lat_u.float(), x_u.shape[-2:])             # (N, L, H, W) latent logits
+                lat_u = up(lat_u.float(), x_u.shape[-2:])             # (N, L, H, W) latent logits (deviation 6)
                 l_cons = loss_cons(pred_u, lat_u, p_l_given_c(M), args.cons_grad)   # Eqs. (7), (9), (10)
                 acc("loss_cons", l_cons)
             else:
@@ -664,7 +666,7 @@ def train(args, run_dir, model, D, M, alpha, opt_S, opt_D, streams, val_loader, 
         l_adv = loss_adv(z, y) if z is not None else 0
         l_latent = 0
         if latent_on:
-            prob_l = F.softmax(up(lat.float(), y.shape[-2:]), 1)     # (N, L, H, W) S_l
+            prob_l = F.softmax(up(lat.float(), y.shape[-2:]), 1)     # (N, L, H, W) S_l at full res (deviation 6)
             if args.lambda_latent > 0:
                 l_latent = loss_latent(prob_l, y, C, args.latent_norm)
                 acc("loss_latent", l_latent)
@@ -680,7 +682,7 @@ def train(args, run_dir, model, D, M, alpha, opt_S, opt_D, streams, val_loader, 
             D.requires_grad_(True)
             fake = pred.detach()
             fake_valid = y != IGNORE                                  # labeled padding/boundaries do not count
-            if pred_u is not None:
+            if pred_u is not None:                                    # deviation 9: unlabeled fakes too
                 fake = torch.cat([fake, pred_u.detach()])
                 fake_valid = torch.cat([fake_valid, torch.ones_like(fake_valid[:1]).expand(pred_u.shape[0], -1, -1)])
             y_gt = to_dev(next(streams["gt"]))                        # separate stream over the labeled subset
@@ -823,7 +825,7 @@ def run(argv=None):
     source = common.make_source(args.data, args.data_root, args.download, **SYNTHETIC_SIZE)
     class_names = source.CLASSES
     labeled, unlabeled = common.labeled_split(source.splits["train"], args.labeled, args.seed, args.split)
-    # network: stride in the 3x3 conv only for torchvision's weights (card 5.3)
+    # network: stride in the 3x3 conv only for torchvision's weights (card 5.3, deviation 14)
     C = len(class_names)
     model = DeepLabV2(C, args.num_latent, args.backbone, args.aspp_rates, args.aspp_branches,
                       stride_in_3x3=args.init == "imagenet", width=args.width)
@@ -831,6 +833,9 @@ def run(argv=None):
     M = torch.zeros(C, args.num_latent, dtype=torch.float64)         # Eq. (8): M^(0) = 0
     # Eq. (8): alpha = batch size / number of images M averages over (deviation 4)
     alpha = args.batch_size / (len(labeled) if args.alpha_denominator == "labeled" else len(source.splits["train"]))
+    if alpha > 1:
+        raise DataError(f"alpha = batch size / labeled images = {args.batch_size}/{len(labeled)} > 1 would make M "
+                        f"negative (Eq. (8)); label more images or use a smaller --batch-size")
     if resume_state is None:
         initialise(model, args)
     else:

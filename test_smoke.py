@@ -1,4 +1,4 @@
-"""Tests for common.py, hung2018.py and latent_classes.py: CPU only, no network, a few minutes on 2 cores.  Run: python -m pytest -q"""
+"""Tests for common.py, hung2018.py and latent_classes.py: CPU only, no network.  Run: python -m pytest -q"""
 import json
 import math
 import os
@@ -518,6 +518,7 @@ def test_lc_loss_latent_direct_and_properties():
                 if valid[n, h, w]:
                     J[y[n, h, w]] += prob_l[n, :, h, w].detach()
     J /= V                                                     # Eq. (2), divided by the valid pixels
+    assert (lc.cooccurrence(prob_l.detach(), y, C) / V).sum().item() == pytest.approx(1.0)   # (g) a distribution
     direct = -sum(J[c, l] * math.log(J[c, l] / J[:, l].sum()) for c in range(C) for l in range(L) if J[c, l] > 0)
     loss = lc.loss_latent(prob_l, y, C)
     assert loss.item() == pytest.approx(float(direct), rel=1e-6)
@@ -574,11 +575,12 @@ def test_lc_map_to_latent_and_loss_cons_direct():
 def test_lc_gradient_routing(mode, sem, lat):
     torch.manual_seed(0)
     model = lc.DeepLabV2(3, 4, "resnet18", (1, 2, 3, 4), width=8)
-    P = lc.p_l_given_c(torch.rand(3, 4, dtype=torch.float64)).requires_grad_(False)
+    P = lc.p_l_given_c(torch.rand(3, 4, dtype=torch.float64)).requires_grad_(True)
     pred, latent = model(torch.randn(2, 3, 48, 48))
     lc.loss_cons(pred, latent, P, mode).backward()                                # card 11.6
     has = lambda m: any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
     assert (has(model.layer5), has(model.layer6), has(model.layer4)) == (sem, lat, True)
+    assert P.grad is None                                                         # P(l | c) is a constant
     model.zero_grad(set_to_none=True)
     pred, latent = model(torch.randn(2, 3, 48, 48))
     y = torch.randint(0, 3, (2, 48, 48))
@@ -593,6 +595,8 @@ def test_lc_network_counts_and_loading(capsys):
     assert sum(p.numel() for p in model.parameters()) == 45_523_172
     assert sum(p.numel() for p in lc.FCDiscriminator(21).parameters()) == 2_783_169
     assert lc.FCDiscriminator(21).conv1.in_channels == 21                            # D sees C channels, never L
+    with torch.no_grad():
+        assert lc.FCDiscriminator(21)(torch.rand(1, 21, 321, 321)).shape == (1, 1, 10, 10)   # card 11.1
     heads = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("layer5.", "layer6."))}
     tv = torchvision.models.resnet101(weights=None).state_dict()
     matched, missing, unused = lc.load_pretrained(model, tv, "torchvision resnet101")
@@ -615,9 +619,33 @@ def test_lc_bad_inputs(tmp_path, capsys):
     expect(["--data", "pascal"], "unknown --data")
     expect(["--data", "synthetic", "--cons-grad", "sideways"], "invalid choice")
     expect(["--data", "synthetic", "--resume", str(tmp_path)], "nothing to resume")
+    expect(["--data", "synthetic", "--labeled", "0.002"], "alpha")                   # 8 / 2 > 1: M would go negative
     out = tmp_path / "run"
     lc.main(["--data", "synthetic", "--out", str(out), "--stop-at", "2"] + LC_TINY)
+    M = torch.load(out / "last.pt", weights_only=True)["M"]
+    assert (M > 0).all()                                       # card 11.7: M updated before L_cons starts (at 2)
     args = json.loads((out / "args.json").read_text())
     args["num_latent"] = 7                                      # the checkpoint's layer6 and M no longer fit
     (out / "args.json").write_text(json.dumps(args))
     expect(["--data", "synthetic", "--resume", str(out)], "does not fit")
+
+
+def test_lc_unlabeled_labels_never_read_and_full_labels(tmp_path, monkeypatch):
+    split = tmp_path / "split.txt"
+    split.write_text("\n".join(f"syn{k:05d}" for k in range(0, 1000, 2)) + "\n")      # even ids labeled
+    argv = ["--data", "synthetic", "--split", str(split), "--stop-at", "2"] + LC_TINY
+    lc.main(argv + ["--out", str(tmp_path / "clean")])
+    read = common.SyntheticSource.read
+
+    def scrambled(self, i):                                    # odd (unlabeled) ids get random labels
+        img, lab = read(self, i)
+        return (img, np.random.randint(0, 6, lab.shape).astype(np.uint8)) if int(i[3:]) % 2 else (img, lab)
+    monkeypatch.setattr(common.SyntheticSource, "read", scrambled)
+    lc.main(argv + ["--out", str(tmp_path / "scrambled")])
+    assert read_log(tmp_path / "clean") == [{**r, "img_per_s": a["img_per_s"]} for r, a in
+                                            zip(read_log(tmp_path / "scrambled"), read_log(tmp_path / "clean"))]
+    monkeypatch.undo()
+    full = str(tmp_path / "full")                              # card 10.21: no unlabeled stream, D on labeled fakes
+    lc.main(["--data", "synthetic", "--labeled", "1.0", "--out", full] + LC_TINY)
+    assert all("loss_latent" in r and "loss_D" in r and "loss_adv_u" not in r and "loss_cons" not in r
+               for r in read_log(full))
