@@ -1,8 +1,8 @@
 """Dataset and metric helpers shared by the five scripts of this project.
 
-Only what is the *same protocol* for every paper lives here: the datasets (PASCAL VOC 2012 + SBD, Cityscapes, and
-an embedded synthetic dataset), joint image/label transforms, labeled/unlabeled splits, the confusion-matrix mIoU,
-and colour palettes. Everything that is part of a method (networks, losses, training loop) stays in its own script.
+Only what is the *same protocol* for every paper lives here: the datasets (PASCAL VOC 2012 + SBD, Cityscapes,
+Stanford Background, and an embedded synthetic dataset), joint image/label transforms, labeled/unlabeled splits, the
+confusion-matrix mIoU, the boundary F1 score (BF), and colour palettes. Everything that is part of a method (networks, losses, training loop) stays in its own script.
 
 Datasets yield `(image, label, id)`: image a float32 tensor (3, H, W) already normalised the way the network's
 weights expect (`Normalize`), label an int64 tensor (H, W) with values 0..C-1 or 255 = ignore.
@@ -393,6 +393,83 @@ class CityscapesSource:
         return read_label(self._lab(split, rest), self.NUM_CLASSES, self.lut)
 
 
+class StanfordBackgroundSource:
+    """Stanford Background (Gould, Fulton, Koller, ICCV 2009; luc2016 card 9): 715 outdoor images of about 320x240.
+
+    Layout under `root` (or `root` itself being the unpacked folder):
+        iccv09Data/images/<id>.jpg
+        iccv09Data/labels/<id>.regions.txt   whitespace-separated integers, one line per image row: 0-7 in the order
+                                             of CLASSES, negative = unknown (mapped to 255, ignored)
+    No canonical split is distributed (Gould et al. drew random ones): the sorted ids are shuffled with `split_seed`
+    and the first 573 form "train", the other 142 "val" (the paper's test set; luc2016 card 13.13). The scripts write
+    the val list into the run folder beside the labeled list. `--download` fetches iccv09Data.tar.gz (about 15 MB).
+    """
+    NUM_CLASSES = 8
+    CLASSES = ("sky", "tree", "road", "grass", "water", "building", "mountain", "foreground")
+    URL = "http://dags.stanford.edu/data/iccv09Data.tar.gz"
+    EXPECTED, NUM_TRAIN = 715, 573
+
+    def __init__(self, root, download=False, split_seed=0):
+        if download:
+            self._download(root)
+        base = next((b for b in (os.path.join(root, "iccv09Data"), root) if os.path.isdir(os.path.join(b, "images"))
+                     and os.path.isdir(os.path.join(b, "labels"))), None)
+        if base is None:
+            raise DataError(f"no iccv09Data/images and iccv09Data/labels under --data-root {root!r} "
+                            f"(see README, 'Datasets'), or pass --download")
+        self.base = base
+        ids = sorted(f[:-4] for f in os.listdir(os.path.join(base, "images")) if f.endswith(".jpg"))
+        if not ids:
+            raise DataError(f"no .jpg images in {os.path.join(base, 'images')}")
+        missing = [i for i in ids if not os.path.isfile(self._lab(i))]
+        if missing:
+            raise DataError(f"{len(missing)} images have no labels/<id>.regions.txt (first: {self._lab(missing[0])})")
+        if len(ids) != self.EXPECTED:
+            warnings.warn(f"Stanford Background has {len(ids)} images here, the dataset has {self.EXPECTED}: the "
+                          f"573/142 split and the results will not be comparable with the paper")
+        order = ids[:]
+        random.Random(split_seed).shuffle(order)
+        n_train = round(len(ids) * self.NUM_TRAIN / self.EXPECTED)
+        self.splits = {"train": sorted(order[:n_train]), "val": sorted(order[n_train:])}
+
+    def _download(self, root):
+        import tarfile
+        import urllib.request
+        os.makedirs(root, exist_ok=True)
+        path = os.path.join(root, "iccv09Data.tar.gz")
+        if not os.path.isfile(path):
+            print(f"downloading {self.URL} into {root}")
+            try:
+                urllib.request.urlretrieve(self.URL, path + ".part")
+            except Exception as e:
+                raise DataError(f"could not download {self.URL}: {e}; download it by hand and unpack it into "
+                                f"--data-root") from None
+            os.replace(path + ".part", path)
+        with tarfile.open(path) as tar:                         # "data" filter: no links or paths outside root
+            tar.extractall(root, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+
+    def _lab(self, i):
+        return os.path.join(self.base, "labels", i + ".regions.txt")
+
+    def read_label(self, i):
+        path = self._lab(i)
+        try:
+            raw = np.loadtxt(path, dtype=np.int64, ndmin=2)    # plain text: nothing is unpickled
+        except Exception as e:
+            raise DataError(f"cannot read label {path}: {e.__class__.__name__}: {e}") from None
+        if raw.max() >= self.NUM_CLASSES:
+            raise DataError(f"label {path} contains value {raw.max()}; Stanford Background has classes 0-7 "
+                            f"(negative = unknown)")
+        return np.where(raw < 0, IGNORE, raw).astype(np.uint8)
+
+    def read(self, i):
+        img, lab = read_image(os.path.join(self.base, "images", i + ".jpg")), self.read_label(i)
+        if img.shape[:2] != lab.shape:
+            raise DataError(f"{self._lab(i)} is {lab.shape[0]}x{lab.shape[1]} but its image is "
+                            f"{img.shape[0]}x{img.shape[1]}")
+        return img, lab
+
+
 class SyntheticSource:
     """An embedded dataset, generated from a seed, nothing to download (see README, 'The synthetic dataset').
 
@@ -494,13 +571,13 @@ def make_source(name, root=None, download=False, **synthetic_kwargs):
     """Build a dataset source by name; the sources list their ids in `.splits['train' | 'val']`."""
     if name == "synthetic":
         return _synthetic(**synthetic_kwargs)
-    if name not in ("voc", "cityscapes"):
-        raise DataError(f"unknown --data {name!r}; choose one of: voc, cityscapes, synthetic")
+    if name not in ("voc", "cityscapes", "stanford"):
+        raise DataError(f"unknown --data {name!r}; choose one of: voc, cityscapes, stanford, synthetic")
     if not root:
         raise DataError(f"--data {name} needs --data-root pointing at the dataset (see README, 'Datasets')")
     if not download and not os.path.isdir(root):
         raise DataError(f"--data-root {root!r} does not exist (see README, 'Datasets')")
-    return VOCSource(root, download) if name == "voc" else CityscapesSource(root, download)
+    return {"voc": VOCSource, "cityscapes": CityscapesSource, "stanford": StanfordBackgroundSource}[name](root, download)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -579,6 +656,56 @@ def format_iou_table(result, class_names):
     lines.append(f"{'mIoU':<16} {100 * result['miou']:5.1f}")
     lines.append(f"{'pixel acc':<16} {100 * result['pixel_acc']:5.1f}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Boundary F1 (BF; Csurka, Larlus, Perronnin, BMVC 2013), as luc2016 card 10 specifies it
+# ----------------------------------------------------------------------------------------------------------------
+def bf_tolerances(sizes, base=5.0):
+    """Tolerance per image: theta_I = base * diag(I) / min_J diag(J), so the smallest image of the evaluated set
+    gets exactly `base` pixels (luc2016 card 10, "tolerance rule"). `sizes`: (H, W) of every evaluated image."""
+    diags = [math.hypot(h, w) for h, w in sizes]
+    return [base * d / min(diags) for d in diags]
+
+
+def _boundaries(masks):
+    """(K, H, W) bool -> pixels of each mask with a 4-neighbour outside it. The image border is not a boundary
+    (edge replication): a region that touches the frame does not get a contour along it."""
+    m = torch.nn.functional.pad(masks[:, None].float(), (1, 1, 1, 1), mode="replicate")[:, 0]
+    inner = (m[:, :-2, 1:-1] > 0) & (m[:, 2:, 1:-1] > 0) & (m[:, 1:-1, :-2] > 0) & (m[:, 1:-1, 2:] > 0)
+    return masks & ~inner
+
+
+def _within(points, theta):
+    """(K, H, W) bool -> pixels whose Euclidean distance to some True pixel is <= theta (a disk-shaped dilation,
+    exact on the pixel grid)."""
+    r = int(math.floor(theta))
+    d = torch.arange(-r, r + 1, dtype=torch.float32)
+    disk = ((d[:, None] ** 2 + d[None, :] ** 2) <= theta ** 2 + 1e-9).float()
+    return torch.nn.functional.conv2d(points[:, None].float(), disk[None, None], padding=r)[:, 0] > 0.5
+
+
+def boundary_f1(pred, gt, num_classes, theta):
+    """Per-image BF score (luc2016 card 10): for each class c present in the ground truth or the prediction,
+    P_c = fraction of predicted boundary pixels within theta of a true boundary pixel, R_c the converse,
+    F_c = 2 P_c R_c / (P_c + R_c) (0 when both are 0, and 0 for a class present in only one of the two); the image's
+    BF is the mean of F_c. Boundary pixels: 4-neighbour inner contour (`_boundaries`). Pixels whose ground truth is
+    255 belong to no class in either map. A class filling the whole image in both maps has no contour and F_c = 1.
+    pred, gt: (H, W) integer arrays or tensors. Returns a float in [0, 1] (nan for an image with no class at all)."""
+    pred, gt = [(t.detach().cpu() if torch.is_tensor(t) else torch.as_tensor(np.asarray(t))).long() for t in (pred, gt)]
+    classes = torch.arange(num_classes)[:, None, None]
+    valid = gt != IGNORE
+    P, G = (pred == classes) & valid, gt == classes                      # (C, H, W) class masks
+    in_p, in_g = P.flatten(1).any(1), G.flatten(1).any(1)
+    bp, bg = _boundaries(P), _boundaries(G)
+    n_p, n_g = bp.flatten(1).sum(1), bg.flatten(1).sum(1)
+    precision = (bp & _within(bg, theta)).flatten(1).sum(1) / n_p.clamp(min=1)
+    recall = (bg & _within(bp, theta)).flatten(1).sum(1) / n_g.clamp(min=1)
+    f = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), 0.0)
+    f = torch.where((n_p == 0) & (n_g == 0), 1.0, f)                   # both without contour: the same full image
+    f = torch.where(in_p != in_g, 0.0, f)                               # present in only one of them
+    counted = in_p | in_g
+    return f[counted].mean().item() if counted.any() else float("nan")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -649,3 +649,96 @@ def test_lc_unlabeled_labels_never_read_and_full_labels(tmp_path, monkeypatch):
     lc.main(["--data", "synthetic", "--labeled", "1.0", "--out", full] + LC_TINY)
     assert all("loss_latent" in r and "loss_D" in r and "loss_adv_u" not in r and "loss_cons" not in r
                for r in read_log(full))
+
+
+# ===============================================================================================================
+# common.py pieces for luc2016.py (card ../shared/methods/luc2016.md, sec. 9-10): Stanford Background, BF score
+# ===============================================================================================================
+def _bf_direct(pred, gt, num_classes, theta):
+    """BF with explicit pairwise distances between contour pixels (torch.cdist), for comparison."""
+    pred, gt = torch.as_tensor(pred), torch.as_tensor(gt)
+    scores = []
+    for c in range(num_classes):
+        P, G = (pred == c) & (gt != 255), gt == c
+        if not (P.any() or G.any()):
+            continue
+        if P.any() != G.any():
+            scores.append(0.0)
+            continue
+        bp, bg = [torch.nonzero(common._boundaries(m[None])[0]).float() for m in (P, G)]
+        if len(bp) == 0 and len(bg) == 0:
+            scores.append(1.0)
+            continue
+        if len(bp) == 0 or len(bg) == 0:
+            scores.append(0.0)
+            continue
+        d = torch.cdist(bp, bg)
+        prec, rec = (d.min(1).values <= theta).float().mean(), (d.min(0).values <= theta).float().mean()
+        scores.append(0.0 if prec + rec == 0 else float(2 * prec * rec / (prec + rec)))
+    return sum(scores) / len(scores)
+
+
+def test_boundary_f1_hand_made_and_direct():
+    gt = np.zeros((40, 50), np.int64)
+    gt[10:25, 12:30] = 1
+    assert common.boundary_f1(gt, gt, 3, 5.0) == 1.0                                  # identical
+    shifted = np.zeros_like(gt)
+    shifted[14:29, 12:30] = 1                                                         # 4 px down: within 5 px
+    assert common.boundary_f1(shifted, gt, 3, 5.0) == 1.0
+    far = np.zeros_like(gt)
+    far[18:33, 12:30] = 1                                                             # 8 px down
+    assert common.boundary_f1(far, gt, 3, 5.0) < 1.0
+    assert common.boundary_f1(np.zeros_like(gt), gt, 3, 5.0) == 0.0                  # class 1 missed: F_1 = 0, F_0 = 0
+    assert common.boundary_f1(np.zeros_like(gt), np.zeros_like(gt), 3, 5.0) == 1.0   # one class fills both
+    rng = np.random.default_rng(0)
+    for _ in range(5):                                                                # random blobs vs cdist
+        g = (rng.random((30, 36)) < 0.5).astype(np.int64) + (rng.random((30, 36)) < 0.2)
+        g = np.kron(g[::3, ::3], np.ones((3, 3), np.int64))
+        p = np.roll(g, rng.integers(-3, 4), axis=1)
+        g[rng.random(g.shape) < 0.05] = 255
+        theta = float(rng.uniform(1, 6))
+        assert common.boundary_f1(p, g, 3, theta) == pytest.approx(_bf_direct(p, g, 3, theta), abs=1e-6)
+    assert common.bf_tolerances([(240, 320), (480, 640), (300, 400)]) == pytest.approx([5.0, 10.0, 6.25])
+
+
+def make_stanford(root, n=715, bad=None):
+    base = root / "iccv09Data"
+    (base / "images").mkdir(parents=True)
+    (base / "labels").mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(n):
+        i = f"{k:07d}"
+        Image.fromarray(rng.integers(0, 255, (4, 6, 3), dtype=np.uint8)).save(base / "images" / f"{i}.jpg")
+        lab = rng.integers(-1, 8, (4, 6))
+        if bad == "value" and k == 3:
+            lab[0, 0] = 8
+        if bad == "shape" and k == 3:
+            lab = lab[:3]
+        (base / "labels" / f"{i}.regions.txt").write_text("\n".join(" ".join(map(str, r)) for r in lab) + "\n")
+    return base
+
+
+def test_stanford_background_layout_split_and_labels(tmp_path):
+    base = make_stanford(tmp_path / "sb")
+    src = common.make_source("stanford", str(tmp_path / "sb"))
+    assert (len(src.splits["train"]), len(src.splits["val"])) == (573, 142)
+    assert not set(src.splits["train"]) & set(src.splits["val"])
+    assert src.splits == common.StanfordBackgroundSource(str(base)).splits        # root or root/iccv09Data; seeded
+    assert src.splits != common.StanfordBackgroundSource(str(base), split_seed=1).splits
+    img, lab = src.read("0000005")
+    raw = np.loadtxt(base / "labels" / "0000005.regions.txt", dtype=np.int64)
+    assert img.shape == (4, 6, 3) and lab.dtype == np.uint8
+    assert np.array_equal(lab, np.where(raw < 0, 255, raw))                           # unknown (-1) -> ignore
+    bad = make_stanford(tmp_path / "bv", n=5, bad="value")
+    with pytest.warns(UserWarning, match="715"):
+        src = common.StanfordBackgroundSource(str(bad))
+    with pytest.raises(common.DataError, match="contains value 8"):
+        src.read("0000003")
+    bad = make_stanford(tmp_path / "bs", n=5, bad="shape")
+    with pytest.warns(UserWarning):
+        src = common.StanfordBackgroundSource(str(bad))
+    with pytest.raises(common.DataError, match="3x6 but its image is 4x6"):
+        src.read("0000003")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(common.DataError, match="iccv09Data/images"):
+        common.make_source("stanford", str(tmp_path / "empty"))
