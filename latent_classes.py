@@ -387,11 +387,12 @@ def cooccurrence(prob_l, label, num_classes):
 # H(C, L) - H(L) with 1e-8 inside the logs: a class absent from the batch has an all-zero row, where x log x would
 # otherwise give NaN gradients (card 3, deviation 5). Scale-invariant in P_b, so `norm` only scales the loss.
 def loss_latent(prob_l, label, num_classes, norm="valid"):
-    J = cooccurrence(prob_l, label, num_classes)                           # (C, L)
+    """Returns (L_latent, the co-occurrence sums of Eq. (8), detached: computed once for both)."""
+    cooc = cooccurrence(prob_l, label, num_classes)                        # (C, L)
     count = (label != IGNORE).sum().clamp(min=1) if norm == "valid" else label.numel()   # deviation 3
-    J = J / count                                                          # P_b(c, l)
+    J = cooc / count                                                       # P_b(c, l)
     J_l = J.sum(0)                                                         # P_b(l), (L,)
-    return -(J * torch.log(J + EPS)).sum() + (J_l * torch.log(J_l + EPS)).sum()
+    return -(J * torch.log(J + EPS)).sum() + (J_l * torch.log(J_l + EPS)).sum(), cooc.detach()
 
 
 # Eq. (8): M <- (1 - alpha) M + alpha sum_pixels Y_onehot S_l^T, on the device, float64, no gradient
@@ -668,9 +669,11 @@ def train(args, run_dir, model, D, M, alpha, opt_S, opt_D, streams, val_loader, 
         if latent_on:
             prob_l = F.softmax(up(lat.float(), y.shape[-2:]), 1)     # (N, L, H, W) S_l at full res (deviation 6)
             if args.lambda_latent > 0:
-                l_latent = loss_latent(prob_l, y, C, args.latent_norm)
+                l_latent, cooc = loss_latent(prob_l, y, C, args.latent_norm)
                 acc("loss_latent", l_latent)
-            update_M(M, cooccurrence(prob_l.detach(), y, C), alpha)  # Eq. (8), from iteration 0 (card 10.6)
+            else:
+                cooc = cooccurrence(prob_l.detach(), y, C)
+            update_M(M, cooc, alpha)                                  # Eq. (8), from iteration 0 (card 10.6)
         loss_labeled(l_ce, l_latent, l_adv, args.lambda_latent, args.lambda_adv).backward()
         acc("loss_ce", l_ce)
         if z is not None:

@@ -520,23 +520,24 @@ def test_lc_loss_latent_direct_and_properties():
     J /= V                                                     # Eq. (2), divided by the valid pixels
     assert (lc.cooccurrence(prob_l.detach(), y, C) / V).sum().item() == pytest.approx(1.0)   # (g) a distribution
     direct = -sum(J[c, l] * math.log(J[c, l] / J[:, l].sum()) for c in range(C) for l in range(L) if J[c, l] > 0)
-    loss = lc.loss_latent(prob_l, y, C)
+    loss, cooc = lc.loss_latent(prob_l, y, C)
+    assert not cooc.requires_grad and torch.allclose(cooc / V, J)                    # the sums M is updated with
     assert loss.item() == pytest.approx(float(direct), rel=1e-6)
     loss.backward()
     assert torch.isfinite(prob_l.grad).all()                                        # (e) no NaN with an absent class
     assert prob_l.grad[0, :, 0, :].abs().max() == 0                                 # (d) 255 pixels: no gradient
-    norm_all = lc.loss_latent(prob_l.detach(), y, C, norm="all")                    # deviation 3: a scale factor
+    norm_all = lc.loss_latent(prob_l.detach(), y, C, norm="all")[0]                    # deviation 3: a scale factor
     assert norm_all.item() == pytest.approx(loss.item() * V / y.numel(), rel=1e-6)
-    assert lc.loss_latent(prob_l.detach()[:, [2, 0, 1]], y, C).item() == pytest.approx(loss.item(), rel=1e-9)   # (c)
+    assert lc.loss_latent(prob_l.detach()[:, [2, 0, 1]], y, C)[0].item() == pytest.approx(loss.item(), rel=1e-9)   # (c)
     # (a) one-hot latent, each latent class holding one semantic class: 0; (b) all mass in one latent class: H(C)
     y2 = _labels(2, 5, 6, 3, seed=3)
     pure = F.one_hot(y2, 3).permute(0, 3, 1, 2).double()
-    assert lc.loss_latent(pure, y2, 3).item() == pytest.approx(0.0, abs=1e-6)
+    assert lc.loss_latent(pure, y2, 3)[0].item() == pytest.approx(0.0, abs=1e-6)
     one = torch.zeros(2, 3, 5, 6, dtype=torch.float64)
     one[:, 1] = 1
     freq = torch.bincount(y2.flatten(), minlength=3).double() / y2.numel()
     H_C = -(freq * freq.log()).sum()
-    assert lc.loss_latent(one, y2, 3).item() == pytest.approx(H_C.item(), rel=1e-6)
+    assert lc.loss_latent(one, y2, 3)[0].item() == pytest.approx(H_C.item(), rel=1e-6)
 
 
 def test_lc_M_and_p_l_given_c():
@@ -584,7 +585,7 @@ def test_lc_gradient_routing(mode, sem, lat):
     model.zero_grad(set_to_none=True)
     pred, latent = model(torch.randn(2, 3, 48, 48))
     y = torch.randint(0, 3, (2, 48, 48))
-    lc.loss_latent(F.softmax(lc.up(latent, (48, 48)), 1), y, 3).backward()        # card 11.3f
+    lc.loss_latent(F.softmax(lc.up(latent, (48, 48)), 1), y, 3)[0].backward()     # card 11.3f
     assert (has(model.layer5), has(model.layer6), has(model.layer4)) == (False, True, True)
 
 
