@@ -104,15 +104,18 @@ def resize_pair(img, lab, size_hw):
 
 
 class TrainTransform:
-    """Random scale -> normalise -> pad (image 0, label 255) bottom/right -> random crop -> optional mirror.
+    """Random scale -> [rotate] -> normalise -> pad (image 0, label 255) bottom/right -> random crop -> optional mirror.
 
     The order and the padding follow hung2018 card 7.2: scale factor f in {0.5, 0.6, ..., 1.6} (`scales`), padding
     at the bottom and right with 0 *after* normalisation (i.e. the mean colour) and with 255 in the label.
     `resize_to` (Cityscapes: 512x1024) resizes every image to a fixed size first, with no crop.
+    `max_rotation` (degrees; Farabet et al.'s jitter, luc2016 card 6.2: 8) rotates by a uniform angle about the
+    centre, image bilinear, label nearest; corners that come from outside are 255 in the label.
     """
 
-    def __init__(self, normalize, crop=None, scales=None, mirror=False, resize_to=None):
+    def __init__(self, normalize, crop=None, scales=None, mirror=False, resize_to=None, max_rotation=0.0):
         self.normalize, self.crop, self.scales, self.mirror, self.resize_to = normalize, crop, scales, mirror, resize_to
+        self.max_rotation = max_rotation
 
     def __call__(self, img, lab, rng):
         if self.resize_to is not None:
@@ -121,6 +124,10 @@ class TrainTransform:
             f = self.scales[rng.randrange(len(self.scales))]
             h, w = lab.shape
             img, lab = resize_pair(img, lab, (int(h * f + 0.5), int(w * f + 0.5)))
+        if self.max_rotation:
+            angle = rng.uniform(-self.max_rotation, self.max_rotation)
+            img = np.asarray(Image.fromarray(img).rotate(angle, Image.BILINEAR))
+            lab = np.asarray(Image.fromarray(lab).rotate(angle, Image.NEAREST, fillcolor=IGNORE))
         img = self.normalize(img)
         if self.crop is not None:
             ch, cw = self.crop
@@ -680,7 +687,7 @@ def _within(points, theta):
     """(K, H, W) bool -> pixels whose Euclidean distance to some True pixel is <= theta (a disk-shaped dilation,
     exact on the pixel grid)."""
     r = int(math.floor(theta))
-    d = torch.arange(-r, r + 1, dtype=torch.float32)
+    d = torch.arange(-r, r + 1, dtype=torch.float32, device=points.device)
     disk = ((d[:, None] ** 2 + d[None, :] ** 2) <= theta ** 2 + 1e-9).float()
     return torch.nn.functional.conv2d(points[:, None].float(), disk[None, None], padding=r)[:, 0] > 0.5
 
@@ -692,10 +699,16 @@ def boundary_f1(pred, gt, num_classes, theta):
     BF is the mean of F_c. Boundary pixels: 4-neighbour inner contour (`_boundaries`). Pixels whose ground truth is
     255 belong to no class in either map. A class filling the whole image in both maps has no contour and F_c = 1.
     pred, gt: (H, W) integer arrays or tensors. Returns a float in [0, 1] (nan for an image with no class at all)."""
-    pred, gt = [(t.detach().cpu() if torch.is_tensor(t) else torch.as_tensor(np.asarray(t))).long() for t in (pred, gt)]
-    classes = torch.arange(num_classes)[:, None, None]
+    pred, gt = [(t.detach() if torch.is_tensor(t) else torch.as_tensor(np.asarray(t))).long() for t in (pred, gt)]
+    gt = gt.to(pred.device)
     valid = gt != IGNORE
-    P, G = (pred == classes) & valid, gt == classes                      # (C, H, W) class masks
+    present = torch.zeros(num_classes + 1, dtype=torch.bool, device=pred.device)
+    present[torch.where(valid, pred, num_classes).flatten()] = True
+    present[torch.where(valid, gt, num_classes).flatten()] = True
+    classes = present[:num_classes].nonzero()[:, :, None]               # (K, 1, 1): only the counted classes
+    if not len(classes):
+        return float("nan")                                             # every pixel void
+    P, G = (pred == classes) & valid, gt == classes                      # (K, H, W) class masks
     in_p, in_g = P.flatten(1).any(1), G.flatten(1).any(1)
     bp, bg = _boundaries(P), _boundaries(G)
     n_p, n_g = bp.flatten(1).sum(1), bg.flatten(1).sum(1)

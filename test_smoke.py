@@ -1,4 +1,4 @@
-"""Tests for common.py, hung2018.py and latent_classes.py: CPU only, no network.  Run: python -m pytest -q"""
+"""Tests for common.py, hung2018.py, latent_classes.py and luc2016.py: CPU only, no network.  Run: python -m pytest -q"""
 import json
 import math
 import os
@@ -702,15 +702,15 @@ def test_boundary_f1_hand_made_and_direct():
     assert common.bf_tolerances([(240, 320), (480, 640), (300, 400)]) == pytest.approx([5.0, 10.0, 6.25])
 
 
-def make_stanford(root, n=715, bad=None):
+def make_stanford(root, n=715, bad=None, size=(4, 6)):
     base = root / "iccv09Data"
     (base / "images").mkdir(parents=True)
     (base / "labels").mkdir()
     rng = np.random.default_rng(0)
     for k in range(n):
         i = f"{k:07d}"
-        Image.fromarray(rng.integers(0, 255, (4, 6, 3), dtype=np.uint8)).save(base / "images" / f"{i}.jpg")
-        lab = rng.integers(-1, 8, (4, 6))
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(base / "images" / f"{i}.jpg")
+        lab = rng.integers(-1, 8, size)
         if bad == "value" and k == 3:
             lab[0, 0] = 8
         if bad == "shape" and k == 3:
@@ -743,3 +743,248 @@ def test_stanford_background_layout_split_and_labels(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(common.DataError, match="iccv09Data/images"):
         common.make_source("stanford", str(tmp_path / "empty"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# luc2016.py (method card ../shared/methods/luc2016.md, section 14)
+# ---------------------------------------------------------------------------------------------------------------
+import luc2016  # noqa: E402
+
+LUC_TINY = ["--num-steps", "4", "--batch-size", "4", "--log-every", "1", "--save-every", "2", "--num-pictures", "2"]
+
+
+@pytest.mark.parametrize("encoding", ["basic", "product", "scaling"])
+def test_luc_end_to_end_synthetic(tmp_path, encoding):
+    out = str(tmp_path / encoding)
+    m = luc2016.main(["--data", "synthetic", "--out", out, "--encoding", encoding] + LUC_TINY)
+    for name in ("args.json", "labeled.txt", "val.txt", "log.jsonl", "last.pt", "metrics.json", "predictions.png"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    assert 0 <= m["miou"] <= 1 and 0 <= m["mean_acc"] <= 1 and 0 <= m["bf_mean"] <= 1 and m["bf_images"] == 200
+    log = read_log(out)
+    assert [r["iter"] for r in log] == [1, 2, 3, 4] and [r["s_updates"] for r in log] == [1, 2, 3, 4]
+    for r in log:                                         # fast alternation: both networks every iteration
+        for k in ("loss_mce", "loss_adv", "loss_a", "acc_real", "acc_fake"):
+            assert math.isfinite(r[k]), (k, r)
+    with open(os.path.join(out, "labeled.txt")) as f:
+        assert len(f.read().split()) == 1000                              # fully supervised: --labeled 1.0
+
+
+def test_luc_baseline_resume_and_same_seed(tmp_path):
+    base = str(tmp_path / "base")
+    luc2016.main(["--data", "synthetic", "--out", base, "--lambda-adv", "0"] + LUC_TINY)
+    assert set(read_log(base)[0]) >= {"loss_mce"} and "loss_a" not in read_log(base)[0]
+    straight, parted = str(tmp_path / "a"), str(tmp_path / "b")
+    luc2016.main(["--data", "synthetic", "--out", straight] + LUC_TINY)
+    assert luc2016.main(["--data", "synthetic", "--out", parted, "--stop-at", "2"] + LUC_TINY) is None
+    luc2016.main(["--data", "synthetic", "--resume", parted])
+    a, b = read_log(straight), read_log(parted)
+    assert [r["iter"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for k in ("loss_mce", "loss_adv", "loss_a"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-4), (k, ra, rb)
+    assert read_log(base)[0]["loss_mce"] == a[0]["loss_mce"]             # same seed: same first loss, either way
+
+
+def test_luc_slow_schedule_updates_one_network_per_phase(tmp_path):
+    args = luc2016.resolve_args(luc2016.get_parser().parse_args(["--data", "synthetic", "--alternation", "slow",
+                                                                 "--num-steps", "1200"]))
+    assert [luc2016.phase(g, args) for g in (0, 499, 500, 999, 1000)] == ["A", "A", "S", "S", "A"]
+    assert luc2016.total_iterations(args) == 2700                      # 2 full cycles + A-phase + 200 S
+    assert luc2016.s_updates_before(2700, args) == 1200 and luc2016.s_updates_before(750, args) == 250
+    args.lambda_adv = 0
+    assert luc2016.phase(0, args) == "S" and luc2016.total_iterations(args) == 1200
+    # iteration 0 (A-phase) changes only a, iteration 1 (S-phase) only s
+    out = str(tmp_path / "slow")
+    argv = ["--data", "synthetic", "--out", out, "--alternation", "slow", "--phase-length", "1", "--save-every", "1",
+            "--batch-size", "2", "--num-steps", "1", "--log-every", "1"]
+    torch.manual_seed(0)
+    s0, a0 = luc2016.MultiScaleNet(6, 8).state_dict(), luc2016.StanfordAdversary(6).state_dict()
+    luc2016.main(argv + ["--stop-at", "1"])
+    ck1 = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert all(torch.equal(s0[k], ck1["model"][k]) for k in s0)
+    assert not all(torch.equal(a0[k], ck1["A"][k]) for k in a0)
+    luc2016.main(["--resume", out, "--data", "synthetic"])
+    ck2 = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert all(torch.equal(ck1["A"][k], ck2["A"][k]) for k in a0)
+    assert not all(torch.equal(ck1["model"][k], ck2["model"][k]) for k in s0)
+    assert [r.get("loss_a") is not None for r in read_log(out)] == [True, False]
+
+
+def test_luc_scaling_encoding_properties():
+    g = torch.Generator().manual_seed(0)
+    s = F.softmax(3 * torch.randn(2, 5, 6, 7, generator=g), 1)
+    y = torch.randint(0, 5, (2, 6, 7), generator=g)
+    y[0, 0, :3] = 255
+    s[1, :, 2, 2] = torch.tensor([0.95, 0.02, 0.01, 0.01, 0.01])        # s_l >= tau: ybar = s
+    y[1, 2, 2] = 0
+    yb = luc2016.scaling_target(s, y, 0.9)
+    valid = y != 255
+    assert torch.allclose(yb.sum(1)[valid], torch.ones(int(valid.sum())), atol=1e-6)
+    assert yb[0, :, 0, :3].abs().max() == 0                              # void pixels: zero vectors
+    true = yb.gather(1, y.clamp(max=4)[:, None])[:, 0]
+    assert (true[valid] >= 0.9 - 1e-6).all()
+    assert torch.equal(yb[1, :, 2, 2], s[1, :, 2, 2])
+    for n, i, j in [(0, 3, 4), (1, 5, 1), (1, 0, 6)]:                     # proportions of the other classes kept
+        l = int(y[n, i, j])
+        others = [c for c in range(5) if c != l]
+        ratio = yb[n, others, i, j] / s[n, others, i, j]
+        assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-5)
+        expected = torch.clamp(s[n, l, i, j], min=0.9)                   # direct formula of Sec. 3.2
+        assert float(yb[n, l, i, j]) == pytest.approx(float(expected), abs=1e-6)
+        assert torch.allclose(yb[n, others, i, j], s[n, others, i, j] * (1 - expected) / (1 - s[n, l, i, j]), atol=1e-6)
+
+
+def test_luc_product_and_void_handling():
+    g = torch.Generator().manual_seed(1)
+    y = torch.randint(0, 4, (2, 5, 6), generator=g)
+    y[:, 0, 0] = 255
+    valid = y != 255
+    image = torch.randn(2, 3, 5, 6, generator=g)
+    enc = luc2016.encode(luc2016.one_hot(y, 4), valid, image, "product")
+    assert enc.shape == (2, 12, 5, 6)                                     # 3C channels
+    summed = enc.view(2, 4, 3, 5, 6).sum(1)                              # one-hot: the classes add up to the image
+    assert torch.allclose(summed, image * valid[:, None])
+    assert enc[:, :, 0, 0].abs().max() == 0
+    assert torch.allclose(enc[0, 3 * 2 + 1], (y[0] == 2) * image[0, 1])  # class-major: channel 3c + k
+    # void pixels: zero input and zero gradient from the adversarial term, for every encoding (card 14.7)
+    for encoding in ("basic", "product", "scaling"):
+        logits = torch.randn(2, 4, 5, 6, generator=g, requires_grad=True)
+        s = F.softmax(logits, 1)
+        s.retain_grad()
+        A = luc2016.Adversary(12 if encoding == "product" else 4, luc2016.ADVERSARIES["smallfov-light"])
+        x_in = luc2016.encode(s, valid, image, encoding)
+        assert x_in[:, :, 0, 0].abs().max() == 0
+        luc2016.loss_adv(luc2016.adversary_logits(A, x_in, image)).backward()
+        assert s.grad[:, :, 0, 0].abs().max() == 0 and s.grad.abs().sum() > 0
+
+
+def test_luc_losses_direct():
+    z = torch.randn(3, 1, 4, 5)
+    zr = torch.randn(3, 1, 4, 5)
+    sig = torch.sigmoid
+    assert float(luc2016.loss_adv(z)) == pytest.approx(float(-torch.log(sig(z)).mean()), rel=1e-5)   # flipped label
+    assert float(luc2016.loss_adv(z)) != pytest.approx(float(torch.log(1 - sig(z)).mean()), rel=1e-3)
+    assert float(luc2016.loss_a(zr, z)) == pytest.approx(
+        float(-torch.log(sig(zr)).mean() - torch.log(1 - sig(z)).mean()), rel=1e-5)
+    logits, y = torch.randn(2, 4, 3, 3), torch.randint(0, 4, (2, 3, 3))
+    y[0, 0] = 255
+    direct = -torch.stack([F.log_softmax(logits, 1)[n, y[n, i, j], i, j] for n in range(2) for i in range(3)
+                           for j in range(3) if y[n, i, j] != 255]).mean()
+    assert float(luc2016.loss_mce(logits, y)) == pytest.approx(float(direct), rel=1e-5)
+    assert float(luc2016.loss_s(torch.tensor(1.0), torch.tensor(0.5), 2.0)) == 2.0
+    z2 = torch.randn(2, 2, 3, 3)                                         # 2-way softmax == sigmoid(z1 - z0)
+    assert torch.allclose(F.softmax(z2, 1)[:, 1:], sig(z2[:, 1:] - z2[:, :1]), atol=1e-6)
+
+
+def test_luc_adversary_counts_shapes_and_fields_of_view():
+    counts = {"largefov-light": (871490, 907778), "largefov": (2351170, 2387458),
+              "smallfov-light": (490434, 526722), "smallfov": (1572802, 1609090)}       # card 5.1 / 14.1
+    for name, (n21, n63) in counts.items():
+        for c_in, n in ((21, n21), (63, n63)):
+            A = luc2016.Adversary(c_in, luc2016.ADVERSARIES[name])
+            assert sum(p.numel() for p in A.parameters()) == n, (name, c_in)
+            assert A.net[-1].out_channels == 2
+        assert A(torch.zeros(1, 63, 63, 63)).shape == (1, 1, 15, 15)
+    for name, fov in (("largefov", 34), ("smallfov", 18)):             # card 14.2, ReLU -> identity, avg pools
+        A = luc2016.Adversary(1, luc2016.ADVERSARIES[name])
+        layers = [torch.nn.AvgPool2d(2, 2) if isinstance(m, torch.nn.MaxPool2d) else m for m in A.net
+                  if not isinstance(m, torch.nn.ReLU)]
+        for m in layers:
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.ones_(m.weight)
+        x = torch.zeros(1, 1, 63, 63, requires_grad=True)
+        torch.nn.Sequential(*layers)(x)[0, 0, 7, 7].backward()
+        rows, cols = x.grad[0, 0].abs().sum(1).nonzero(), x.grad[0, 0].abs().sum(0).nonzero()
+        assert (len(rows), len(cols)) == (fov, fov), name
+    S = luc2016.StanfordAdversary(8)                                      # card 14.12
+    p, im = torch.zeros(2, 8, 60, 80), torch.zeros(2, 3, 60, 80)
+    assert S.label_branch(p).shape[1] == 64 and S.image_branch(im).shape[1] == 64
+    assert S.trunk[0].in_channels == 128
+    assert S(p, im).shape == (2, 1, 15, 20)                              # 16x fewer decisions than label pixels
+
+
+def test_luc_segmenters_context_identity_and_vgg_loading(capsys):
+    net = luc2016.MultiScaleNet(8, 4)
+    assert net(torch.randn(1, 3, 80, 96)).shape == (1, 8, 20, 24)        # output stride 4
+    x = luc2016.lcn(torch.rand(2, 3, 20, 24) * 50 + 7)
+    assert torch.isfinite(x).all() and abs(float(x.mean())) < 0.1
+    assert float(luc2016.lcn(torch.full((1, 3, 9, 9), 3.0)).abs().max()) < 1e-3  # flat image: no contrast
+    ctx = luc2016.ContextModule(21, sigma=0.0)                          # card 14.9: identity on non-negative scores
+    v = torch.rand(1, 21, 9, 11)
+    assert torch.allclose(ctx(v), v, atol=1e-5)
+    assert [c.out_channels for c in ctx.convs] == [42, 42, 84, 168, 336, 672, 672, 21]
+    assert (luc2016.ContextModule(21)(v) - v).abs().max() < 0.1
+    import torchvision
+    tv = torchvision.models.vgg16().state_dict()
+    model = luc2016.Dilated8(21)
+    luc2016.load_vgg16(model, tv)
+    assert torch.equal(model.conv1_1.weight, tv["features.0.weight"])
+    assert torch.equal(model.conv5_3.bias, tv["features.28.bias"])
+    assert torch.equal(model.fc6.weight.flatten(1), tv["classifier.0.weight"])
+    assert torch.equal(model.fc7.weight.flatten(1), tv["classifier.3.weight"])
+    assert model.conv5_1.dilation == (2, 2) and model.fc6.dilation == (4, 4)
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 64, 80)).shape == (1, 21, 8, 10)   # output stride 8 (504 -> 63)
+        assert model(torch.zeros(1, 3, 100, 76)).shape == (1, 21, 13, 10)  # ceil for odd sizes (500 -> 63)
+
+
+def test_luc_stanford_selection_and_bf_ids(tmp_path):
+    make_stanford(tmp_path / "sb", n=40, size=(24, 32))
+    with pytest.warns(UserWarning):
+        out = str(tmp_path / "run")
+        bf_ids = tmp_path / "bf.txt"
+        src = common.StanfordBackgroundSource(str(tmp_path / "sb"))
+        bf_ids.write_text("\n".join(src.splits["val"][:3]) + "\n")
+        m = luc2016.main(["--data", "stanford", "--data-root", str(tmp_path / "sb"), "--out", out, "--width", "4",
+                          "--crop-size", "24", "32", "--num-steps", "4", "--batch-size", "2", "--eval-every", "2",
+                          "--save-every", "2", "--log-every", "2", "--bf-ids", str(bf_ids)])
+    with open(os.path.join(out, "held_out.txt")) as f:
+        held = f.read().split()
+    with open(os.path.join(out, "labeled.txt")) as f:
+        train = f.read().split()
+    assert len(held) == 4 and len(train) == 28 and not set(held) & set(train)   # 1 of 8 folds of 32
+    selected = [r for r in read_log(out) if "select_mean_acc" in r]
+    assert [r["s_updates"] for r in selected] == [2, 4]                # every 2 updates, the last one included
+    top = max(selected, key=lambda r: r["select_mean_acc"])            # first maximum wins (strict ">")
+    assert m["reported"] == "best" and m["bf_images"] == 3
+    assert m["best"]["s_updates"] == top["s_updates"] and m["best"]["selection_mean_acc"] == top["select_mean_acc"]
+    assert torch.load(os.path.join(out, "best.pt"), weights_only=True)["s_updates"] == top["s_updates"]
+
+
+def test_luc_voc_table2_lookup_and_label_alignment():
+    parse = lambda *a: luc2016.resolve_args(luc2016.get_parser().parse_args(
+        ["--data", "voc", "--restore-from", "x.pt", *a]))
+    a = parse()                                                         # LargeFOV + Product (supp. Table 2)
+    assert (a.adversary, a.encoding, a.lr, a.lr_d, a.lambda_adv) == ("largefov", "product", 1e-6, 0.1, 1.0)
+    a = parse("--adversary", "smallfov", "--encoding", "product")
+    assert (a.lr, a.lr_d, a.lambda_adv) == (1e-4, 0.1, 0.1)
+    a = parse("--adversary", "largefov-light", "--encoding", "basic", "--lr", "3e-5")
+    assert (a.lr, a.lr_d, a.lambda_adv) == (3e-5, 0.5, 0.1)
+    assert parse("--lambda-adv", "0").lr == 1e-6                        # baseline slr (Sec. 4)
+    a = parse("--adversary", "stanford", "--lr", "1e-3", "--lr-d", "1e-3", "--lambda-adv", "2")
+    assert (a.lr, a.lr_d, a.lambda_adv) == (1e-3, 1e-3, 2.0)
+    assert (a.batch_size, a.crop_size, a.phase_length, a.num_steps, a.tau) == (10, (504, 504), 500, 10000, 0.9)
+    # labels are read at each output cell's centre; the ceil-mode border cell beyond the image is void
+    y = torch.arange(10)[None, None, :].expand(1, 3, 10).clone()       # label = column index
+    assert luc2016.downsample_labels(y, (1, 3), 4)[0, 0].tolist() == [2, 6, 255]
+    logits = torch.zeros(1, 2, 1, 3)
+    logits[0, 1, 0, 1] = 1.0                                            # only cell 1 says class 1
+    v = luc2016.upsample_logits(logits, (4, 10), 4)[0, 1, 0]           # cell 1 covers pixels 4..7: centre 5.5
+    assert v.shape == (10,) and float(v[5]) == float(v[6]) == float(v.max()) and float(v[4]) == float(v[7])
+
+
+def test_luc_bad_inputs(tmp_path, capsys):
+    for argv, msg in [(["--data", "voc", "--data-root", str(tmp_path), "--restore-from", "x.pt"], "no VOC2012"),
+                      (["--data", "synthetic", "--segmenter", "dilated8", "--init", "dilated8"], "--restore-from"),
+                      (["--data", "synthetic", "--init", "vgg16"], "from scratch"),
+                      (["--data", "synthetic", "--val-folds", "1"], "--val-folds"),
+                      (["--data", "synthetic", "--segmenter", "dilated8", "--init", "dilated8", "--restore-from",
+                        "nope.pt"], "nope.pt"),
+                      (["--data", "synthetic", "--bf-ids", "missing.txt"], "missing.txt"),
+                      (["--data", "synthetic", "--tau", "1.5"], "--tau")]:
+        with pytest.raises(SystemExit) as e:
+            luc2016.main(argv + ["--out", str(tmp_path / "x")])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and msg in err and "Traceback" not in err, (argv, err)
