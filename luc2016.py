@@ -43,8 +43,10 @@ Deviations and choices (card section 13 is the source of every [I] choice):
     resolution after bilinear x8 (x4) upsampling of the logits (card: of the probabilities) and a crop (card
     13.8-13.9). The image for Product / the image branch: antialiased bilinear resize (Stanford: of the LCN image).
  9. Dilated-8 uses "same" padding instead of valid convolutions + a 186-px reflected margin (card 12.2); the context
-    module is the "Large" one with generalised identity initialisation (noise sigma 1e-3). VOC training images are
-    whole, mirrored at random, padded bottom/right to 504x504 with the mean colour (card 7.1 suggests reflection).
+    module is the "Large" one with generalised identity initialisation (noise sigma 1e-3); the new classifier is
+    N(0, 0.001); the adversarials and Farabet's net keep PyTorch's default initialisation (none is stated). VOC
+    training images are whole, mirrored at random, padded bottom/right to 504x504 with the mean colour (card 7.1
+    suggests reflection).
 10. The COCO-pretrained Caffe Dilation8 weights are not obtainable here: `--init dilated8` loads a converged Dilated-8
     given by --restore-from (e.g. this script's own pre-training run from torchvision's VGG-16, README). Expect a
     baseline of 67-70 val mIoU instead of 71.8 (card 12.3): compare gains, over seeds, not absolute numbers. That
@@ -643,8 +645,8 @@ def train(args, run_dir, model, A, opt_S, opt_A, stream, select_loader, start, c
         s = F.softmax(logits, 1)
         y_s = downsample_labels(y, logits.shape[-2:], STRIDE[args.segmenter])   # (N, h, w)
         valid = y_s != IGNORE
-        image = (adversary_image(x.float(), logits.shape[-2:], args.segmenter)
-                 if args.encoding == "product" or args.adversary == "stanford" else None)
+        image = (adversary_image(x.float(), logits.shape[-2:], args.segmenter) if args.lambda_adv > 0 and
+                 (args.encoding == "product" or args.adversary == "stanford") else None)   # baseline: unused
 
         # (1) adversarial network, Eq. (2): ground truth (or ybar, Scaling) is real, the detached prediction fake
         if "A" in ph:
