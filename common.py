@@ -1,7 +1,7 @@
 """Dataset and metric helpers shared by the five scripts of this project.
 
 Only what is the *same protocol* for every paper lives here: the datasets (PASCAL VOC 2012 + SBD, Cityscapes,
-Stanford Background, and an embedded synthetic dataset), joint image/label transforms, labeled/unlabeled splits, the
+Stanford Background, PASCAL-Context, and an embedded synthetic dataset), joint image/label transforms, labeled/unlabeled splits, the
 confusion-matrix mIoU, the boundary F1 score (BF), and colour palettes. Everything that is part of a method (networks, losses, training loop) stays in its own script.
 
 Datasets yield `(image, label, id)`: image a float32 tensor (3, H, W) already normalised the way the network's
@@ -17,7 +17,7 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 IGNORE = 255
 
@@ -36,20 +36,27 @@ class Normalize:
     mode "caffe":    Caffe DeepLab weights, 0-255 minus the BGR mean (104.008, 116.669, 122.679) of DeepLab-v2,
                      channels in BGR order (`bgr=True`, the default) or RGB order (`bgr=False`, the released code's
                      quirk: hung2018 card 7.2 step 6).
+    mode "custom":   (channels in BGR order if `bgr`) / `div` - `mean`, over `std`, both given in the output's channel
+                     order: for reproducing a released loader's own scaling (s4gan_mlmt card 7.2-7.3).
     """
     CAFFE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
     IMAGENET_MEAN = (0.485, 0.456, 0.406)
     IMAGENET_STD = (0.229, 0.224, 0.225)
 
-    def __init__(self, mode="imagenet", bgr=True):
-        if mode not in ("imagenet", "caffe"):
-            raise ValueError(f"unknown normalisation {mode!r}")
+    def __init__(self, mode="imagenet", bgr=True, mean=None, std=(1.0, 1.0, 1.0), div=1.0):
+        if mode not in ("imagenet", "caffe", "custom") or (mode == "custom") != (mean is not None):
+            raise ValueError(f"unknown normalisation {mode!r} (mean is given with mode 'custom' only)")
         self.mode, self.bgr = mode, bgr
+        if mode == "custom":
+            self.mean, self.std, self.div = np.float32(mean), np.float32(std), np.float32(div)
 
     def __call__(self, rgb):
         x = rgb.astype(np.float32)
         if self.mode == "imagenet":
             return (x / 255.0 - np.float32(self.IMAGENET_MEAN)) / np.float32(self.IMAGENET_STD)
+        if self.mode == "custom":
+            x = x[:, :, ::-1] if self.bgr else x
+            return ((x / self.div - self.mean) / self.std).astype(np.float32)
         x = x - np.float32(self.CAFFE_MEAN_BGR[::-1])      # subtract per channel, still RGB order
         return x[:, :, ::-1].copy() if self.bgr else x      # (H, W, 3) in BGR or RGB order
 
@@ -111,11 +118,16 @@ class TrainTransform:
     `resize_to` (Cityscapes: 512x1024) resizes every image to a fixed size first, with no crop.
     `max_rotation` (degrees; Farabet et al.'s jitter, luc2016 card 6.2: 8) rotates by a uniform angle about the
     centre, image bilinear, label nearest; corners that come from outside are 255 in the label.
+    `short_side` (lo, hi) instead of `scales`: resize so that the short side is a uniform integer in [lo, hi], aspect
+    kept; `blur` p: Gaussian blur of radius U(0, 1) with probability p (both: the PASCAL-Context loader of s4GAN's
+    released code, s4gan_mlmt card 7.2; it blurs after the crop, this before it, which differs only at the crop's
+    border). `label_pad`: the label value of padded pixels (Context: 0).
     """
 
-    def __init__(self, normalize, crop=None, scales=None, mirror=False, resize_to=None, max_rotation=0.0):
+    def __init__(self, normalize, crop=None, scales=None, mirror=False, resize_to=None, max_rotation=0.0,
+                 short_side=None, blur=0.0, label_pad=IGNORE):
         self.normalize, self.crop, self.scales, self.mirror, self.resize_to = normalize, crop, scales, mirror, resize_to
-        self.max_rotation = max_rotation
+        self.max_rotation, self.short_side, self.blur, self.label_pad = max_rotation, short_side, blur, label_pad
 
     def __call__(self, img, lab, rng):
         if self.resize_to is not None:
@@ -124,10 +136,15 @@ class TrainTransform:
             f = self.scales[rng.randrange(len(self.scales))]
             h, w = lab.shape
             img, lab = resize_pair(img, lab, (int(h * f + 0.5), int(w * f + 0.5)))
+        if self.short_side:
+            s, (h, w) = rng.randint(*self.short_side), lab.shape
+            img, lab = resize_pair(img, lab, (s, int(w * s / h + 0.5)) if h <= w else (int(h * s / w + 0.5), s))
         if self.max_rotation:
             angle = rng.uniform(-self.max_rotation, self.max_rotation)
             img = np.asarray(Image.fromarray(img).rotate(angle, Image.BILINEAR))
             lab = np.asarray(Image.fromarray(lab).rotate(angle, Image.NEAREST, fillcolor=IGNORE))
+        if self.blur and rng.random() < self.blur:     # on the uint8 image, before normalisation (same pixels)
+            img = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(radius=rng.random())))
         img = self.normalize(img)
         if self.crop is not None:
             ch, cw = self.crop
@@ -135,7 +152,7 @@ class TrainTransform:
             ph, pw = max(ch - h, 0), max(cw - w, 0)
             if ph or pw:
                 img = np.pad(img, ((0, ph), (0, pw), (0, 0)), constant_values=0.0)
-                lab = np.pad(lab, ((0, ph), (0, pw)), constant_values=IGNORE)
+                lab = np.pad(lab, ((0, ph), (0, pw)), constant_values=self.label_pad)
             h, w = lab.shape
             y, x = rng.randint(0, h - ch), rng.randint(0, w - cw)
             img, lab = img[y:y + ch, x:x + cw], lab[y:y + ch, x:x + cw]
@@ -175,15 +192,24 @@ class LabelTransform:
 class EvalTransform:
     """Evaluation: normalise, then either pad bottom/right to a fixed size (VOC: 505x505, image 0, label 255; hung2018
     card 7.4) or resize to a fixed size (Cityscapes 512x1024, label nearest unless `full_res_label`). Padding the label
-    with 255 is the same as cropping the prediction back: padded pixels are ignored by the confusion matrix."""
+    with 255 is the same as cropping the prediction back: padded pixels are ignored by the confusion matrix.
+    `short_side` s (PASCAL-Context in s4GAN's released code, s4gan_mlmt card 7.5): resize the short
+    side to s (image bilinear, label nearest), then cut the central s x s square of both."""
 
-    def __init__(self, normalize, pad_to=None, resize_to=None, full_res_label=False):
+    def __init__(self, normalize, pad_to=None, resize_to=None, full_res_label=False, short_side=None):
         self.normalize, self.pad_to, self.resize_to, self.full_res_label = normalize, pad_to, resize_to, full_res_label
+        self.short_side = short_side
 
     def __call__(self, img, lab, rng=None):
         if self.resize_to is not None:
             img, small = resize_pair(img, lab, self.resize_to)
             lab = lab if self.full_res_label else small
+        if self.short_side is not None:
+            s, (h, w) = self.short_side, lab.shape
+            img, lab = resize_pair(img, lab, (s, max(s, int(w * s / h + 0.5))) if h <= w
+                                   else (max(s, int(h * s / w + 0.5)), s))
+            y, x = (lab.shape[0] - s) // 2, (lab.shape[1] - s) // 2
+            img, lab = img[y:y + s, x:x + s], lab[y:y + s, x:x + s]
         img = self.normalize(img)
         if self.pad_to is not None:
             ph, pw = self.pad_to[0] - img.shape[0], self.pad_to[1] - img.shape[1]
@@ -477,6 +503,70 @@ class StanfordBackgroundSource:
         return img, lab
 
 
+class PascalContextSource:
+    """PASCAL-Context with 60 classes (Mottaghi et al. 2014; s4gan_mlmt card 7.2): 4,996 train / 5,104 val images of
+    VOC 2010, every pixel labeled, no ignore value. Class 0 "background" (everything outside the 59 most frequent
+    classes) is a real class, trained and evaluated.
+
+    Layout under `root` (or `root/VOCdevkit`), the one mmsegmentation's `pascal_context.py` converter writes:
+        VOC2010/JPEGImages/<id>.jpg
+        VOC2010/SegmentationClassContext/<id>.png    index PNGs 0-59
+        VOC2010/ImageSets/SegmentationContext/{train,val}.txt
+    The PNGs hold the 60-class indices of the Detail API's `trainval_merged.json` mapped by sorting the raw ids
+    below (PyTorch-Encoding's mapping, which the paper's code uses): CLASSES is in that order. Making them needs the
+    `detail` package (README, 'Datasets'); it is not a dependency of this project.
+    """
+    NUM_CLASSES = 60
+    RAW_IDS = (0, 2, 9, 18, 19, 22, 23, 25, 31, 33, 34, 44, 45, 46, 59, 65, 68, 72, 80, 85, 98, 104, 105, 113, 115, 144,
+               158, 159, 162, 187, 189, 207, 220, 232, 258, 259, 260, 284, 295, 296, 308, 324, 326, 347, 349, 354, 355,
+               360, 366, 368, 397, 415, 416, 420, 424, 427, 440, 445, 454, 458)
+    CLASSES = ("background", "aeroplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat", "book",
+               "bottle", "building", "bus", "cabinet", "car", "cat", "ceiling", "chair", "cloth", "computer", "cow",
+               "cup", "curtain", "dog", "door", "fence", "floor", "flower", "food", "grass", "ground", "horse",
+               "keyboard", "light", "motorbike", "mountain", "mouse", "person", "plate", "platform", "pottedplant",
+               "road", "rock", "sheep", "shelves", "sidewalk", "sign", "sky", "snow", "sofa", "table", "track", "train",
+               "tree", "truck", "tvmonitor", "wall", "water", "window", "wood")
+    EXPECTED = {"train": 4996, "val": 5104}     # what the official pipeline yields (paper: 4,998 / 5,105)
+
+    def __init__(self, root, download=False):
+        if download:
+            raise DataError("PASCAL-Context is not downloaded automatically: it needs VOC 2010 and the Detail API "
+                            "annotations converted to index PNGs (see README, 'Datasets')")
+        base = next((os.path.join(root, p) for p in ("VOC2010", os.path.join("VOCdevkit", "VOC2010"))
+                     if os.path.isdir(os.path.join(root, p, "SegmentationClassContext"))), None)
+        if base is None:
+            raise DataError(f"no VOC2010/SegmentationClassContext under --data-root {root!r}; expected "
+                            f"{root}/VOC2010/JPEGImages, .../SegmentationClassContext and "
+                            f".../ImageSets/SegmentationContext (see README, 'Datasets')")
+        self.base = base
+        sets = os.path.join(base, "ImageSets", "SegmentationContext")
+        self.splits = {split: _read_list(os.path.join(sets, split + ".txt")) for split in ("train", "val")}
+        for split, ids in self.splits.items():
+            if len(ids) != self.EXPECTED[split]:
+                warnings.warn(f"PASCAL-Context {split} has {len(ids)} ids, the paper's pipeline has "
+                              f"{self.EXPECTED[split]}")
+            for i in (ids[0], ids[-1]) if ids else ():
+                for p in (self._img(i), self._lab(i)):
+                    if not os.path.isfile(p):
+                        raise DataError(f"{p} is missing (listed in {split}.txt); check the PASCAL-Context layout")
+
+    def _img(self, i):
+        return os.path.join(self.base, "JPEGImages", i + ".jpg")
+
+    def _lab(self, i):
+        return os.path.join(self.base, "SegmentationClassContext", i + ".png")
+
+    def read(self, i):
+        return read_image(self._img(i)), self.read_label(i)
+
+    def read_label(self, i):
+        lab = read_label(self._lab(i), self.NUM_CLASSES)
+        if (lab == IGNORE).any():
+            raise DataError(f"label {self._lab(i)} contains 255, but PASCAL-Context (60 classes) labels every pixel "
+                            f"0-59; was it converted for the 59-class setting?")
+        return lab
+
+
 class SyntheticSource:
     """An embedded dataset, generated from a seed, nothing to download (see README, 'The synthetic dataset').
 
@@ -578,13 +668,14 @@ def make_source(name, root=None, download=False, **synthetic_kwargs):
     """Build a dataset source by name; the sources list their ids in `.splits['train' | 'val']`."""
     if name == "synthetic":
         return _synthetic(**synthetic_kwargs)
-    if name not in ("voc", "cityscapes", "stanford"):
-        raise DataError(f"unknown --data {name!r}; choose one of: voc, cityscapes, stanford, synthetic")
+    if name not in ("voc", "cityscapes", "stanford", "context"):
+        raise DataError(f"unknown --data {name!r}; choose one of: voc, cityscapes, stanford, context, synthetic")
     if not root:
         raise DataError(f"--data {name} needs --data-root pointing at the dataset (see README, 'Datasets')")
     if not download and not os.path.isdir(root):
         raise DataError(f"--data-root {root!r} does not exist (see README, 'Datasets')")
-    return {"voc": VOCSource, "cityscapes": CityscapesSource, "stanford": StanfordBackgroundSource}[name](root, download)
+    return {"voc": VOCSource, "cityscapes": CityscapesSource, "stanford": StanfordBackgroundSource,
+            "context": PascalContextSource}[name](root, download)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -767,7 +858,10 @@ def heatmap(conf):
 def denormalize(img, normalize):
     """Inverse of `Normalize` for pictures: (3, H, W) float tensor -> (H, W, 3) uint8 RGB."""
     x = img.detach().float().cpu().numpy().transpose(1, 2, 0)
-    if normalize.mode == "imagenet":
+    if normalize.mode == "custom":
+        x = (x * normalize.std + normalize.mean) * normalize.div
+        x = x[:, :, ::-1] if normalize.bgr else x
+    elif normalize.mode == "imagenet":
         x = (x * np.float32(normalize.IMAGENET_STD) + np.float32(normalize.IMAGENET_MEAN)) * 255
     else:
         x = (x[:, :, ::-1] if normalize.bgr else x) + np.float32(normalize.CAFFE_MEAN_BGR[::-1])
