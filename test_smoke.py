@@ -1,7 +1,8 @@
-"""Tests for common.py, hung2018.py, latent_classes.py and luc2016.py: CPU only, no network.  Run: python -m pytest -q"""
+"""Tests for common.py, hung2018.py, latent_classes.py, luc2016.py and s4gan_mlmt.py: CPU only, no network.  Run: python -m pytest -q"""
 import json
 import math
 import os
+import random
 
 import numpy as np
 import pytest
@@ -988,3 +989,334 @@ def test_luc_bad_inputs(tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("error:") and msg in err and "Traceback" not in err, (argv, err)
+
+
+# ===============================================================================================================
+# s4gan_mlmt.py (Mittal et al.; card ../shared/methods/s4gan_mlmt.md, sec. 10)
+# ===============================================================================================================
+import s4gan_mlmt as s4  # noqa: E402
+
+S4_TINY = ["--num-steps", "4", "--batch-size", "4", "--log-every", "1", "--save-every", "2", "--num-pictures", "2",
+           "--mlmt-epochs", "2", "--mlmt-batch-size", "16", "--mlmt-batch-size-unl", "8", "--mlmt-eval-every", "1",
+           "--burn-in", "0", "--ramp-epochs", "1", "--mlmt-size", "48"]
+
+
+def test_s4_end_to_end_both_stages_and_fusion(tmp_path):
+    out = str(tmp_path / "run")
+    m = s4.main(["--data", "synthetic", "--out", out] + S4_TINY)
+    for name in ("args.json", "labeled.txt", "log.jsonl", "last.pt", "mlmt_last.pt", "mlmt_val_scores.csv",
+                 "metrics.json", "predictions.png"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    assert 0 <= m["miou"] <= 1 and 0 <= m["fused"]["miou"] <= 1 and set(m["iou"]) == set(common.SyntheticSource.CLASSES)
+    log = read_log(out)
+    seg = [r for r in log if "iter" in r]
+    assert [r["iter"] for r in seg] == [1, 2, 3, 4]
+    for r in seg:
+        for k in ("loss_ce", "loss_fm", "loss_st", "loss_D", "D_real", "D_fake", "st_selected"):
+            assert math.isfinite(r[k]), (k, r)
+    assert seg[0]["loss_st"] == 0 and seg[0]["st_selected"] == 0          # no self-training at iteration 0
+    mlmt = [r for r in log if r.get("stage") == "mlmt"]
+    assert [r["epoch"] for r in mlmt] == [1, 2] and mlmt[0]["cons_weight"] == 0 and mlmt[1]["cons_weight"] == 1
+    assert all(math.isfinite(r[k]) for r in mlmt for k in ("loss_cls", "loss_cons", "teacher_map"))
+    scores = s4.read_scores(os.path.join(out, "mlmt_val_scores.csv"), common.make_source("synthetic", **s4.SYNTHETIC_SIZE)
+                            .splits["val"], common.SyntheticSource.CLASSES)
+    assert len(scores) == 200 and all(((v >= 0) & (v <= 1)).all() for v in scores.values())
+
+
+def test_s4_baseline_resume_and_same_seed(tmp_path):
+    base = str(tmp_path / "base")
+    s4.main(["--data", "synthetic", "--out", base, "--stage", "s4gan", "--lambda-fm", "0", "--lambda-st", "0"] + S4_TINY)
+    rec = read_log(base)[0]
+    assert "loss_D" not in rec and "loss_fm" not in rec and "loss_ce" in rec
+    straight, parted, again = (str(tmp_path / k) for k in "abc")
+    s4.main(["--data", "synthetic", "--out", straight, "--stage", "s4gan"] + S4_TINY)
+    assert s4.main(["--data", "synthetic", "--out", parted, "--stage", "s4gan", "--stop-at", "2"] + S4_TINY) is None
+    s4.main(["--data", "synthetic", "--resume", parted])
+    s4.main(["--data", "synthetic", "--out", again, "--stage", "s4gan", "--stop-at", "2"] + S4_TINY)
+    a, b, c = read_log(straight), read_log(parted), read_log(again)
+    assert [r["iter"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for k in ("loss_ce", "loss_fm", "loss_st", "loss_D"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), (k, ra["iter"])
+    assert a[1]["loss_D"] == c[1]["loss_D"] and a[0]["loss_ce"] == c[0]["loss_ce"]
+
+
+def test_s4_mlmt_resume_and_fusion_from_another_run(tmp_path, monkeypatch):
+    argv = ["--data", "synthetic", "--stage", "mlmt"] + S4_TINY
+    straight, parted = str(tmp_path / "a"), str(tmp_path / "b")
+    s4.main(argv + ["--out", straight])
+    save = s4.save_atomic
+
+    def save_then_stop(state, path):           # stop right after epoch 1's checkpoint
+        save(state, path)
+        if path.endswith("mlmt_last.pt") and state["epoch"] == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(s4, "save_atomic", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        s4.main(argv + ["--out", parted])
+    monkeypatch.setattr(s4, "save_atomic", save)
+    s4.main(["--data", "synthetic", "--resume", parted])
+    a, b = read_log(straight), read_log(parted)
+    assert [r["epoch"] for r in b] == [1, 2]
+    for k in ("loss_cls", "loss_cons", "teacher_map"):
+        assert a[1][k] == pytest.approx(b[1][k], rel=1e-4, abs=1e-6), k
+    assert (tmp_path / "a" / "mlmt_val_scores.csv").read_text() == (tmp_path / "b" / "mlmt_val_scores.csv").read_text()
+    m = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert "miou" not in m and 0 <= m["mlmt"]["teacher_map"] <= 1
+    # an s4GAN run fused with the scores of the MLMT run above
+    out = str(tmp_path / "fused")
+    m = s4.main(["--data", "synthetic", "--stage", "s4gan", "--out", out, "--mlmt-scores",
+                 os.path.join(straight, "mlmt_val_scores.csv")] + S4_TINY)
+    assert 0 <= m["fused"]["miou"] <= 1 and m["fused"]["scores"].endswith("mlmt_val_scores.csv")
+
+
+def test_s4_discriminator_counts_shapes_and_dropout():
+    for C, n in ((21, 2778561), (60, 2818497), (19, 2776513)):                     # card 4.3
+        assert sum(p.numel() for p in s4.Discriminator(C).parameters()) == n
+    D = s4.Discriminator(21)
+    sizes = []
+    hooks = [c.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1])) for c in D.convs]
+    z, feat = D(torch.rand(2, 24, 321, 321))
+    assert z.shape == (2, 1) and feat.shape == (2, 512) and sizes == [160, 80, 40, 20]
+    [h.remove() for h in hooks]
+    assert [type(d) for d in D.drops] == [torch.nn.Dropout] * 4                     # Sec. 4.1.2: after all four
+    Dq = s4.Discriminator(21, official_dropout=True)
+    assert [type(d) for d in Dq.drops] == [torch.nn.Dropout2d] * 3 + [torch.nn.Identity]
+    y = Dq.drops[0].train()(torch.ones(4, 64, 5, 5))                                # whole channels zeroed
+    assert set(y.flatten(2).std(2).flatten().tolist()) == {0.0} and (y == 0).any() and (y == 2).any()
+    D.eval()
+    x = torch.rand(2, 24, 64, 64)
+    z, feat = D(x)                                                                  # GAP feature feeds the fc
+    assert torch.allclose(z, D.fc(feat)) and torch.allclose(D(x)[1], feat)
+
+
+def test_s4_d_input_and_one_hot():
+    img = torch.randn(3, 3, 8, 8) * 50 + 7
+    y = torch.randint(0, 5, (3, 8, 8))
+    y[0, 0, 0] = 255
+    oh = s4.one_hot(y, 5)
+    assert torch.equal(oh.sum(1)[y != 255], torch.ones(int((y != 255).sum()))) and oh[0, :, 0, 0].sum() == 0
+    d = s4.d_input(oh, img)
+    assert d.shape == (3, 8, 8, 8) and torch.equal(d[:, :5], oh)                     # class channels first
+    im = d[:, 5:]
+    assert im.min() == 0 and im.max() == 1 and torch.allclose(im, (img - img.min()) / (img.max() - img.min()))
+
+
+def test_s4_losses_direct():
+    g = torch.Generator().manual_seed(0)
+    fr, ff = torch.randn(4, 6, generator=g), torch.randn(5, 6, generator=g)
+    direct = sum(abs(fr[:, k].mean() - ff[:, k].mean()) for k in range(6)) / 6
+    assert s4.loss_fm(fr, ff).item() == pytest.approx(float(direct), rel=1e-6)
+    assert s4.loss_fm(fr, fr[torch.randperm(4)]).item() == pytest.approx(0, abs=1e-6)
+    # Eq. (3): D scores 0.5, 0.61, 0.9 with gamma 0.6 select images 1 and 2 (card 10.8)
+    pred = torch.randn(3, 4, 5, 5, generator=g, requires_grad=True)
+    z = torch.logit(torch.tensor([[0.5], [0.61], [0.9]]))
+    l_st, sel = s4.loss_st(pred, z, 0.6)
+    assert sel.tolist() == [0, 1, 1]
+    direct = F.cross_entropy(pred[1:], pred[1:].argmax(1))
+    assert l_st.item() == pytest.approx(direct.item(), rel=1e-6)
+    assert s4.loss_st(pred, z, 0.6, active=False)[0].item() == 0 and s4.loss_st(pred, z, 0.95)[0].item() == 0
+    l_st.backward()
+    assert pred.grad[0].abs().sum() == 0 and pred.grad[1:].abs().sum() > 0
+    # Eq. (5) and the Table 6 GAN loss
+    zr, zf = torch.randn(4, 1, generator=g), torch.randn(4, 1, generator=g)
+    direct = 0.5 * (-torch.log(torch.sigmoid(zr))).mean() + 0.5 * (-torch.log(1 - torch.sigmoid(zf))).mean()
+    assert s4.loss_D(zr, zf).item() == pytest.approx(direct.item(), rel=1e-5)
+    assert s4.bce(zf, 1).item() == pytest.approx((-torch.log(torch.sigmoid(zf))).mean().item(), rel=1e-5)
+    assert s4.loss_S(1.0, 2.0, 3.0, 4.0, 0.1, 1.0, 0.5) == pytest.approx(1 + 0.2 + 3 + 2)
+    # Eq. (6)
+    s, t, zz = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g), (torch.rand(3, 5, generator=g) > 0.5).float()
+    p = torch.sigmoid(s)
+    assert s4.loss_cls(s, zz).item() == pytest.approx((-(zz * p.log() + (1 - zz) * (1 - p).log())).mean().item(), rel=1e-5)
+    assert s4.loss_cons(s, t).item() == pytest.approx(((p - torch.sigmoid(t)) ** 2).mean().item(), rel=1e-5)
+    assert s4.loss_cons(s, 3 * s, "cosine").item() == pytest.approx(0, abs=1e-6)
+    assert s4.loss_cons(s, -s, "cosine").item() == pytest.approx(2, abs=1e-6)
+    assert [s4.cons_weight(e, 10, 50) for e in (0, 10, 11, 60, 99)] == [0, 0, 0.02, 1, 1]   # card 10.12
+
+
+def test_s4_fm_gradient_reaches_S_not_D():
+    model = s4.DeepLabV2(4, "resnet18", (1, 2, 3, 4), width=8)
+    D = s4.Discriminator(4, ndf=8)
+    D.requires_grad_(False)
+    x = torch.randn(2, 3, 32, 32)
+    p = F.softmax(s4.up(model(x), (32, 32)), 1)
+    _, feat_u = D(s4.d_input(p, x))
+    _, feat_g = D(s4.d_input(s4.one_hot(torch.randint(0, 4, (2, 32, 32)), 4), x))
+    s4.loss_fm(feat_g, feat_u).backward()
+    assert all(p.grad is None for p in D.parameters())
+    assert model.layer5.conv2d_list[0].weight.grad.abs().sum() > 0
+
+
+def test_s4_ema_and_teacher():
+    t, s = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    t0 = [p.clone() for p in t.parameters()]
+    s4.ema_update(t, s, 1, 0.999)                                                   # alpha = 1/2 at t = 1
+    for a, b, c in zip(t.parameters(), t0, s.parameters()):
+        assert torch.allclose(a, 0.5 * b + 0.5 * c)
+    t1 = [p.clone() for p in t.parameters()]
+    s4.ema_update(t, s, 10**6, 0.999)                                               # capped at the decay
+    for a, b, c in zip(t.parameters(), t1, s.parameters()):
+        assert torch.allclose(a, 0.999 * b + 0.001 * c)
+    net = s4.make_classifier("resnet10", 6, "none")
+    assert net.fc.out_features == 6 and net(torch.randn(2, 3, 48, 48)).shape == (2, 6)
+
+
+def test_s4_fusion_hand_made():
+    g = torch.Generator().manual_seed(1)
+    pred = torch.randn(2, 4, 6, 6, generator=g) * 3
+    pred[:, 2] += 5                                                                 # class 2 would win everywhere
+    scores = torch.tensor([[0.9, 0.5, 0.1, 0.2], [0.1, 0.1, 0.1, 0.1]])
+    fused = s4.fuse(pred, scores, 0.2).argmax(1)
+    assert not (fused[0] == 2).any()                                                # below tau: never predicted
+    keep = [0, 1]                                                                   # above tau: untouched
+    assert torch.allclose(s4.fuse(pred, scores, 0.2)[0, keep], F.softmax(pred, 1)[0, keep])
+    assert s4.fuse(pred, scores, 0.2)[0, 3].abs().sum() == 0                        # paper: dropped when <= tau
+    assert torch.equal(s4.fuse(pred, scores, 0.2, official=True)[0, 3], pred[0, 3])   # code: kept when >= tau
+    assert torch.equal(s4.fuse(pred, scores, 0.2)[1], torch.zeros(4, 6, 6))         # all dropped: nothing left
+    # the released code's variant: a dropped class (logit 0) still wins where every kept logit is negative
+    neg = -torch.ones(1, 3, 2, 2)
+    assert (s4.fuse(neg, torch.tensor([[0.9, 0.1, 0.9]]), 0.2, official=True).argmax(1) == 1).all()
+    assert not (s4.fuse(neg, torch.tensor([[0.9, 0.1, 0.9]]), 0.2).argmax(1) == 1).any()
+
+
+def test_s4_class_vectors_and_mlmt_views():
+    lab = np.array([[0, 0, 3], [255, 3, 5]], np.uint8)
+    assert s4.class_vector(lab, 6).tolist() == [1, 0, 0, 1, 0, 1]
+    src = common.make_source("synthetic", **s4.SYNTHETIC_SIZE)
+    ids = src.splits["train"][:4]
+    ds = s4.MLMTDataset(src, ids, 48, 6, seed=3)
+    w1, st1, z1 = ds[2]
+    w2, st2, z2 = ds[2]
+    assert torch.equal(w1, w2) and torch.equal(st1, st2) and w1.shape == (3, 48, 48)   # seeded per item
+    assert not torch.equal(w1, st1)                                                 # jitter and blur
+    assert torch.equal(z1, torch.from_numpy(s4.class_vector(src.read_label(ids[2]), 6)))
+    assert torch.equal(s4.MLMTDataset(src, ids, 48, 6, with_labels=False)[2][2], torch.zeros(6))
+    ev = s4.MLMTDataset(src, ids, 48, 6, train=False)[2]
+    assert torch.equal(ev[0], ev[1])
+
+
+def test_s4_presets_quirks_and_normalizers():
+    parse = lambda *a: s4.resolve_args(s4.get_parser().parse_args(list(a)))
+    voc = parse("--data", "voc")
+    assert (voc.num_steps, voc.batch_size, voc.gamma, voc.aspp_branches, voc.random_scale, voc.random_mirror,
+            voc.cons, voc.init, voc.weight_decay, voc.nesterov) == (35000, 8, 0.6, 4, True, True, "mse",
+                                                                  "imagenet", 5e-4, False)
+    cs = parse("--data", "cityscapes")
+    assert (cs.batch_size, cs.gamma, cs.lr_d, cs.stage, cs.crop_size) == (5, 0.7, 1e-5, "s4gan", (256, 512))
+    assert parse("--data", "context").num_steps == 50000 and parse("--data", "context").label_pad == 0
+    q = parse("--data", "voc", "--official-quirks")
+    assert (q.aspp_branches, q.official_optimizer, q.cons, q.fuse_logits, q.num_steps, q.random_scale,
+            q.random_mirror, q.official_dropout) == (2, True, "cosine", True, 40000, False, False, True)
+    assert parse("--data", "cityscapes", "--official-quirks").batch_size == 8
+    assert parse("--data", "synthetic", "--official-quirks").num_steps == 1000
+    assert parse("--data", "voc", "--official-quirks", "--aspp-branches", "4").aspp_branches == 4
+    img = np.full((2, 2, 3), (10, 20, 30), np.uint8)
+    tr, ev = s4.normalizers(q)
+    assert np.allclose(tr(img)[0, 0], np.float32((10, 20, 30)) - np.float32(common.Normalize.CAFFE_MEAN_BGR[::-1]))
+    tr, ev = s4.normalizers(parse("--data", "cityscapes", "--official-quirks"))
+    assert np.allclose(tr(img)[0, 0], (np.float32((30, 20, 10)) - np.float32((73.158, 82.909, 72.392))) / 255, atol=1e-6)
+    tr, ev = s4.normalizers(parse("--data", "context", "--official-quirks"))
+    assert np.allclose(tr(img)[0, 0, 0], (10 / 255 - 0.406) / 0.229) and ev.mode == "imagenet"
+    assert all(n.mode == "imagenet" for n in s4.normalizers(voc))
+
+
+def make_context(root, n_train=4, n_val=2, with_255=False):
+    base = root / "VOC2010"
+    for d in ("JPEGImages", "SegmentationClassContext", "ImageSets/SegmentationContext"):
+        (base / d).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    ids = [f"2008_{k:06d}" for k in range(n_train + n_val)]
+    for i in ids:
+        Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(base / "JPEGImages" / f"{i}.jpg")
+        lab = rng.integers(0, 60, (30, 40)).astype(np.uint8)
+        lab[0, 0] = 255 if with_255 else 59
+        Image.fromarray(lab).save(base / "SegmentationClassContext" / f"{i}.png")
+    (base / "ImageSets/SegmentationContext/train.txt").write_text("\n".join(ids[:n_train]) + "\n")
+    (base / "ImageSets/SegmentationContext/val.txt").write_text("\n".join(ids[n_train:]) + "\n")
+
+
+def test_s4_pascal_context_layout_transforms_and_run(tmp_path, capsys):
+    make_context(tmp_path / "ctx")
+    src = common.make_source("context", str(tmp_path / "ctx"))
+    assert len(src.CLASSES) == 60 and len(src.splits["train"]) == 4 and src.CLASSES[0] == "background"
+    img, lab = src.read(src.splits["val"][0])
+    assert lab.max() <= 59 and img.shape == (30, 40, 3)
+    # training padding is background (0), evaluation: short side to 512, central square
+    tf = common.TrainTransform(common.Normalize(), crop=(50, 50), label_pad=0)
+    _, y = tf(img, lab, random.Random(0))
+    assert (y[30:] == 0).all() and (y[:, 40:] == 0).all()
+    x, y = common.EvalTransform(common.Normalize(), short_side=64)(img, lab)
+    assert x.shape == (3, 64, 64) and y.shape == (64, 64)
+    x, _ = common.TrainTransform(common.Normalize(), crop=(32, 32), short_side=(40, 41), blur=1.0)(img, lab,
+                                                                                                 random.Random(0))
+    assert x.shape == (3, 32, 32)
+    out = str(tmp_path / "run")
+    m = s4.main(["--data", "context", "--data-root", str(tmp_path / "ctx"), "--backbone", "resnet18", "--width", "8",
+                 "--init", "none", "--crop-size", "33", "33", "--labeled", "0.5", "--eval-short-side", "40",
+                 "--mlmt-backbone", "resnet10", "--mlmt-init", "none", "--out", out] + S4_TINY)
+    assert len(m["iou"]) == 60 and 0 <= m["fused"]["miou"] <= 1
+    make_context(tmp_path / "bad", with_255=True)
+    with pytest.raises(SystemExit):
+        s4.main(["--data", "context", "--data-root", str(tmp_path / "bad"), "--init", "none", "--backbone", "resnet18",
+                 "--width", "8", "--out", str(tmp_path / "x")] + S4_TINY)
+    assert "59-class" in capsys.readouterr().err
+
+
+def test_s4_bad_inputs(tmp_path, capsys):
+    bad = tmp_path / "scores.csv"
+    bad.write_text("id,a,b\nsyn01000,0.1,0.2\n")
+    for argv, msg in [(["--data", "synthetic", "--gamma", "1.5"], "--gamma"),
+                      (["--data", "synthetic", "--mlmt-scores", "missing.csv"], "missing.csv"),
+                      (["--data", "synthetic", "--stage", "mlmt", "--mlmt-scores", str(bad)], "--stage mlmt"),
+                      (["--data", "synthetic", "--mlmt-scores", str(bad)], "not an MLMT score file"),
+                      (["--data", "context", "--data-root", str(tmp_path)], "SegmentationClassContext"),
+                      (["--data", "context", "--data-root", str(tmp_path), "--download"], "not downloaded"),
+                      (["--data", "synthetic", "--labeled", "0"], "(0, 1]"),
+                      (["--data", "synthetic", "--resume", str(tmp_path)], "nothing to resume")]:
+        with pytest.raises(SystemExit) as e:
+            s4.main(argv + ["--out", str(tmp_path / "x")])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and msg in err and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "x").exists()
+
+
+def test_s4_train_freezes_D_for_S_and_detaches_fakes(tmp_path, monkeypatch):
+    """Card 10.7 / 10.9 inside train(): D is frozen while S's losses use it, its fakes are detached for L_D, and
+    both optimizer steps come after both backward passes."""
+    calls, steps = [], []
+    forward = s4.Discriminator.forward
+
+    def spy(self, x):
+        calls.append((next(self.parameters()).requires_grad, x.requires_grad, torch.is_grad_enabled()))
+        return forward(self, x)
+    monkeypatch.setattr(s4.Discriminator, "forward", spy)
+    for cls in (torch.optim.Adam,):
+        step = cls.step
+        monkeypatch.setattr(cls, "step", lambda self, *a, _s=step, **k: (steps.append(len(calls)), _s(self, *a, **k))[1])
+    s4.main(["--data", "synthetic", "--stage", "s4gan", "--out", str(tmp_path / "r"), "--num-pictures", "0"] +
+            S4_TINY[:4] + ["--num-steps", "1"])
+    # fake for L_fm/L_st (D frozen, gradient to S), real for L_fm (no graph), then L_D's fake (detached) and real
+    assert calls == [(False, True, True), (False, False, False), (True, False, True), (True, False, True)]
+    assert steps == [4, 4]                                                          # opt_S and opt_D, after all four
+
+
+def test_s4_segmenter_copy_and_schedule():
+    model = s4.DeepLabV2(21, "resnet18", width=8)
+    assert model(torch.randn(1, 3, 321, 321)).shape == (1, 21, 41, 41)             # card 10.1 (ceil-mode pool)
+    assert model(torch.randn(1, 3, 256, 512)).shape == (1, 21, 33, 65)
+    head = s4.ASPP(8, 3, (1, 2, 3, 4), branches=2)
+    x = torch.randn(1, 8, 9, 9)
+    assert torch.allclose(head(x), head.conv2d_list[0](x) + head.conv2d_list[1](x))  # released code's bug
+    head.branches = 4
+    assert torch.allclose(head(x), sum(c(x) for c in head.conv2d_list))
+    args = s4.resolve_args(s4.get_parser().parse_args(["--data", "voc"]))
+    D = s4.Discriminator(21, 8)
+    opt_S, opt_D = s4.make_optimizers(model, D, args)
+    s4.poly_lr(opt_S, opt_D, 0, args)                                               # card 10.11
+    assert [g["lr"] for g in opt_S.param_groups] == [2.5e-4, 2.5e-3] and opt_D.param_groups[0]["lr"] == 1e-4
+    s4.poly_lr(opt_S, opt_D, 17500, args)
+    assert opt_S.param_groups[0]["lr"] == pytest.approx(2.5e-4 * 0.5 ** 0.9)
+    ids = [id(p) for g in opt_S.param_groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == sum(p.requires_grad for p in model.parameters())
+    assert opt_S.param_groups[0]["weight_decay"] == 5e-4 and not opt_S.param_groups[0]["nesterov"]
