@@ -1320,3 +1320,15 @@ def test_s4_segmenter_copy_and_schedule():
     ids = [id(p) for g in opt_S.param_groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == sum(p.requires_grad for p in model.parameters())
     assert opt_S.param_groups[0]["weight_decay"] == 5e-4 and not opt_S.param_groups[0]["nesterov"]
+
+
+@pytest.mark.parametrize("cons,expected", [("mse", {16 + 8, 125 % 16 + 8}), ("cosine", {8})])
+def test_s4_consistency_sees_labeled_and_unlabeled_images(tmp_path, monkeypatch, cons, expected):
+    """Eq. (6): the paper's MSE runs on labeled and unlabeled images; the released code's cosine on unlabeled only."""
+    sizes = []
+    loss = s4.loss_cons
+    monkeypatch.setattr(s4, "loss_cons", lambda s, t, kind="mse": (sizes.append((s.shape[0], t.shape[0], kind)),
+                                                                    loss(s, t, kind))[1])
+    s4.main(["--data", "synthetic", "--stage", "mlmt", "--cons", cons, "--out", str(tmp_path / "r")] + S4_TINY[4:] +
+            ["--mlmt-epochs", "1"])
+    assert len(sizes) == 8 and all(s == t and s in expected and kind == cons for s, t, kind in sizes)   # 125 / 16
