@@ -48,8 +48,8 @@ Deviations and choices (paper / released code sud0301/semisup-semseg / this scri
 12. Fusion: paper zeroes the class's "segmentation map" where G <= tau: softmax probabilities masked (default); code
     masks logits and keeps G >= tau (`--fuse-logits`), where a dropped class can still win.
 13. Iterations: paper 35K VOC/Cityscapes, 50K Context; code 40K (`--official-quirks` sets 40K with `--eval-every 5000`,
-    which logs s4GAN's val mIoU at 30K, the released README's snapshot; its fused 30K number is not reproduced: no
-    snapshots are kept). Cityscapes batch: paper 5, code 8 (quirk).
+    which logs val mIoU at 30K, the released README's snapshot, fused too when an MLMT run is given with
+    `--stage s4gan --mlmt-scores`). Cityscapes batch: paper 5, code 8 (quirk).
 14. MLMT class vectors are built from the masks in segmentation order (background 0; the code's np.roll bug not kept).
     On PASCAL-Context, where no MLMT code was released, the VOC recipe is reused with 60-d vectors.
 15. Evaluation as the code: VOC padded to 505, Context the central 512 x 512, Cityscapes at 512x1024; standard mIoU
@@ -202,7 +202,8 @@ def get_parser():
     a("--fuse-logits", action="store_true", default=None, help="quirk: Eq. (7) on logits, keeping scores >= tau")
     a("--official-quirks", action="store_true", help="turn on every released-code quirk (docstring deviations 2-13)")
     # run
-    a("--eval-every", type=int, help="evaluate s4GAN every N iterations (0: only at the end)")
+    a("--eval-every", type=int, help="evaluate s4GAN every N iterations (0: only at the end; also fused with "
+                                     "--mlmt-scores)")
     a("--eval-batch-size", type=int)
     a("--eval-short-side", type=int, help="Context: resize the short side to S, score the central S x S (code: 512)")
     a("--log-every", type=int, help="print and log every N iterations (the only host-device sync in the loop)")
@@ -753,7 +754,7 @@ def write_log(run_dir, rec):
         f.write(json.dumps(rec) + "\n")
 
 
-def train(args, run_dir, model, D, opt_S, opt_D, streams, val_loader, start, class_names):
+def train(args, run_dir, model, D, opt_S, opt_D, streams, val_loader, start, class_names, scores=None):
     device = torch.device(args.device)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and not args.no_amp)
     C = len(class_names)
@@ -841,9 +842,11 @@ def train(args, run_dir, model, D, opt_S, opt_D, streams, val_loader, start, cla
                         os.path.join(run_dir, "last.pt"))                  # the RNG: D's dropout masks continue exactly
         if args.eval_every and it % args.eval_every == 0 and it < args.num_steps:
             with torch.random.fork_rng(devices=[]):   # opening the loader draws from the RNG of D's dropout
-                result, _, _ = evaluate(model, val_loader, C, device, amp)
-            write_log(run_dir, {"iter": it, "val_miou": result["miou"]})
-            print(f"[{it}] val mIoU {100 * result['miou']:.2f}", flush=True)
+                result, fused, _ = evaluate(model, val_loader, C, device, amp, scores, args.tau, args.fuse_logits)
+            write_log(run_dir, {"iter": it, "val_miou": result["miou"], **({"val_miou_fused": fused["miou"]} if fused
+                                                                          else {})})
+            print(f"[{it}] val mIoU {100 * result['miou']:.2f}" +
+                  (f", with --mlmt-scores {100 * fused['miou']:.2f}" if fused else ""), flush=True)
             set_train_mode(model, args.freeze_bn_stats)
     return stop
 
@@ -1141,7 +1144,7 @@ def run(argv=None):
 
     metrics = {"labeled": len(labeled), "unlabeled": len(unlabeled)}
     if do_s4gan:
-        stop = train(args, run_dir, model, D, opt_S, opt_D, streams, val_loader, start, class_names)
+        stop = train(args, run_dir, model, D, opt_S, opt_D, streams, val_loader, start, class_names, scores)
         if stop < args.num_steps:
             print(f"stopped at iteration {stop} (--stop-at); continue with --resume {run_dir}")
             return None

@@ -1066,8 +1066,10 @@ def test_s4_mlmt_resume_and_fusion_from_another_run(tmp_path, monkeypatch):
     # an s4GAN run fused with the scores of the MLMT run above
     out = str(tmp_path / "fused")
     m = s4.main(["--data", "synthetic", "--stage", "s4gan", "--out", out, "--mlmt-scores",
-                 os.path.join(straight, "mlmt_val_scores.csv")] + S4_TINY)
+                 os.path.join(straight, "mlmt_val_scores.csv"), "--eval-every", "2"] + S4_TINY)
     assert 0 <= m["fused"]["miou"] <= 1 and m["fused"]["scores"].endswith("mlmt_val_scores.csv")
+    evals = [r for r in read_log(out) if "val_miou" in r]                # the released README's snapshot protocol
+    assert [r["iter"] for r in evals] == [2] and 0 <= evals[0]["val_miou_fused"] <= 1
 
 
 def test_s4_discriminator_counts_shapes_and_dropout():
