@@ -686,6 +686,8 @@ class MLMTDataset(torch.utils.data.Dataset):
         self.source, self.ids, self.size, self.C, self.seed = source, list(ids), size, num_classes, seed
         self.train, self.with_labels, self.epoch = train, with_labels, 0
         self.normalize = common.Normalize("imagenet")
+        import torchvision
+        self.jitter = torchvision.transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)      # strong view (card 3.7)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -697,7 +699,6 @@ class MLMTDataset(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(self.normalize(np.asarray(im)).transpose(2, 0, 1)))
 
     def __getitem__(self, i):
-        import torchvision
         img, lab = self.source.read(self.ids[i])
         z = class_vector(lab, self.C) if self.with_labels else np.zeros(self.C, np.float32)
         base = Image.fromarray(img)
@@ -712,7 +713,7 @@ class MLMTDataset(torch.utils.data.Dataset):
         weak, strong = flip(base), flip(base)                       # flipped independently (card 3.7)
         with torch.random.fork_rng(devices=[]):                     # ColorJitter draws from torch's RNG: seed it here
             torch.manual_seed(seed)
-            strong = torchvision.transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)(strong)
+            strong = self.jitter(strong)
         strong = strong.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))
         return self._tensor(weak), self._tensor(strong), torch.from_numpy(z)
 
@@ -798,7 +799,7 @@ def train(args, run_dir, model, D, opt_S, opt_D, streams, val_loader, start, cla
                     _, feat_g = D(d_input(onehot_g, x_g))
             l_fm = loss_fm(feat_g, feat_u)
             l_st, selected = loss_st(pred_u, z_u, args.gamma, active=i > 0)   # no L_st at iteration 0 (dev. 9)
-            l_gan = bce(z_u, 1) if args.lambda_gan > 0 else torch.zeros((), device=device)
+            l_gan = bce(z_u, 1) if args.lambda_gan > 0 else 0                # Table 6 "CE + SGAN" only
             loss_S(0, l_fm, l_st, l_gan, args.lambda_fm, args.lambda_st, args.lambda_gan).backward()
             meter.add("loss_fm", l_fm), meter.add("loss_st", l_st), meter.add("st_selected", selected.mean())
             if args.lambda_gan > 0:
