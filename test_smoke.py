@@ -1,4 +1,4 @@
-"""Tests for common.py, hung2018.py, latent_classes.py, luc2016.py and s4gan_mlmt.py: CPU only, no network.  Run: python -m pytest -q"""
+"""Tests for common.py, hung2018.py, latent_classes.py, luc2016.py, s4gan_mlmt.py and dual_disc.py: CPU only, no network.  Run: python -m pytest -q"""
 import json
 import math
 import os
@@ -1334,3 +1334,299 @@ def test_s4_consistency_sees_labeled_and_unlabeled_images(tmp_path, monkeypatch,
     s4.main(["--data", "synthetic", "--stage", "mlmt", "--cons", cons, "--out", str(tmp_path / "r")] + S4_TINY[4:] +
             ["--mlmt-epochs", "1"])
     assert len(sizes) == 8 and all(s == t and s in expected and kind == cons for s, t, kind in sizes)   # 125 / 16
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dual_disc.py (two discriminators: D1 image-level threshold, D2 pixel-level against C_map)
+# ---------------------------------------------------------------------------------------------------------------
+import dual_disc as dd  # noqa: E402
+
+DD_TINY = ["--num-steps", "4", "--semi-start", "2", "--batch-size", "4", "--log-every", "1", "--save-every", "2",
+           "--num-pictures", "2"]
+
+
+def test_dd_end_to_end_synthetic_with_calibration(tmp_path):
+    out = str(tmp_path / "run")
+    m = dd.main(["--data", "synthetic", "--out", out] + DD_TINY)
+    for name in ("args.json", "labeled.txt", "log.jsonl", "last.pt", "metrics.json", "predictions.png",
+                 "calibration.png"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    assert 0 <= m["miou"] <= 1 and set(m["iou"]) == set(common.SyntheticSource.CLASSES)
+    log = read_log(out)
+    assert [r["iter"] for r in log] == [1, 2, 3, 4]
+    for r in log[:2]:                                     # phase A: G, D1, D2 (and the comparison D) trained
+        for k in ("loss_ce", "loss_adv", "loss_adv_d1", "loss_adv_d2", "loss_D1", "loss_D2", "loss_D_hung",
+                  "D1_real", "D1_fake", "D2_conf", "C_map"):
+            assert math.isfinite(r[k]), (k, r)
+        assert "loss_semi" not in r
+    for r in log[2:]:                                     # phase B: D1, D2 fixed, L_s on the trusted region
+        assert "loss_D1" not in r and "loss_D2" not in r and math.isfinite(r["loss_semi"])
+        assert 0 <= r["threshold"] <= 1 and 0 <= r["trusted"] <= 1
+    cal = m["calibration"]
+    for k in ("d2", "hung", "softmax"):
+        c = cal[k]
+        assert 0 <= c["ece"] <= 1 and 0 <= c["auroc"] <= 1
+        assert sum(c["share_of_correct"]) == pytest.approx(1, abs=1e-3)
+        assert sum(c["share_of_incorrect"]) == pytest.approx(1, abs=1e-3)
+    t = cal["trusted_region"]
+    assert t["threshold_mode"] == "d1" and 0 <= t["fraction_of_pixels"] <= 1
+    assert t["accuracy_all"] == pytest.approx(m["pixel_acc"], abs=1e-6)
+    with Image.open(os.path.join(out, "calibration.png")) as im:
+        assert im.size[0] > 600
+
+
+@pytest.mark.parametrize("ablation,keys,semi", [("baseline", set(), False), ("d2", {"d2", "hung"}, False),
+                                                ("d1d2", {"d1", "d2", "hung"}, False),
+                                                ("static", {"d2", "hung"}, True)])
+def test_dd_table3_ablations(tmp_path, ablation, keys, semi):
+    args = dd.resolve_args(dd.get_parser().parse_args(["--data", "voc", "--ablation", ablation]))
+    assert set(dd.build_discriminators(21, args).keys()) == keys
+    assert (args.lambda_semi == 0.1) == semi and (args.threshold_mode == "static") == (ablation == "static")
+    if ablation in ("baseline", "static"):                # the two ends of Table 3 also run end to end
+        out = str(tmp_path / ablation)
+        m = dd.main(["--data", "synthetic", "--out", out, "--ablation", ablation] + DD_TINY)
+        log = read_log(out)
+        if ablation == "baseline":                       # no discriminator: only G's own softmax is calibrated
+            assert "loss_adv" not in log[0] and "loss_D2" not in log[0] and "loss_semi" not in log[-1]
+            assert set(m["calibration"]) == {"softmax"}
+            assert not os.path.exists(os.path.join(out, "calibration.png"))
+        else:
+            assert "loss_D1" not in log[0] and "loss_D2" in log[0] and "threshold" not in log[-1]
+            assert "loss_semi" in log[-1] and m["calibration"]["trusted_region"]["threshold_mode"] == "static"
+
+
+def test_dd_c_map_and_loss_D2_hand_made():
+    """Card 15.1: C_map is 1 exactly where argmax matches the ground truth, and 255 pixels do not count."""
+    pred = torch.tensor([[[[2.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [3.0, 0.0]]]])       # (1, 2, 2, 2): argmax 0 1 / 1 0
+    label = torch.tensor([[[0, 0], [1, 255]]])
+    cmap, valid = dd.c_map(pred, label)
+    assert cmap.tolist() == [[[1.0, 0.0], [1.0, 0.0]]] and valid.tolist() == [[[True, True], [True, False]]]
+    z2 = torch.tensor([[[[0.5, -1.0], [2.0, 7.0]]]])
+    s = torch.sigmoid(z2[0, 0])
+    direct = -(math.log(s[0, 0]) + math.log(1 - s[0, 1]) + math.log(s[1, 0])) / 3           # void pixel left out
+    assert dd.loss_D2(z2, cmap, valid).item() == pytest.approx(direct, rel=1e-6)
+    hung_target = -(math.log(1 - s[0, 0]) + math.log(1 - s[0, 1]) + math.log(1 - s[1, 0])) / 3
+    assert abs(dd.loss_D2(z2, torch.zeros_like(cmap), valid).item() - hung_target) < 1e-6   # all-zero target
+    assert dd.loss_D2(z2, cmap, valid).item() != pytest.approx(hung_target)                  # differs when some are right
+    # L_D1 and the generator's L_ad against direct formulas
+    z_real, z_fake = torch.tensor([0.3, -0.2]), torch.tensor([1.0, -2.0])
+    ls = F.logsigmoid
+    assert dd.loss_D1(z_real, z_fake).item() == pytest.approx(
+        -(ls(z_real).mean() + ls(-z_fake).mean()).item(), rel=1e-6)
+    l_ad, l1, l2 = dd.loss_adv(z_fake, z2, valid)
+    assert l1.item() == pytest.approx(-ls(z_fake).mean().item(), rel=1e-6)
+    assert l2.item() == pytest.approx(-(ls(z2[0, 0])[valid[0]]).mean().item(), rel=1e-6)
+    assert l_ad.item() == pytest.approx(l1.item() + l2.item())
+    assert dd.loss_G(torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0), 0.01, 0.1).item() == pytest.approx(1.32)
+
+
+def test_dd_trusted_region_and_L_s_hand_made():
+    """Card 15.3-15.4: per-image dynamic thresholds sigmoid(D1), the static 0.9, 1 - D1; L_s by hand; 0 if empty."""
+    conf = torch.tensor([[[0.2, 0.4], [0.6, 0.95]], [[0.2, 0.4], [0.6, 0.95]]])            # sigmoid(D2), 2 images
+    z2 = torch.logit(conf)[:, None]
+    z1 = torch.logit(torch.tensor([0.3, 0.7]))                                              # D1: 0.3 and 0.7
+    t = dd.threshold(z1, "d1", 0.9)
+    assert t.shape == (2, 1, 1) and t.flatten().tolist() == pytest.approx([0.3, 0.7])
+    pred_u = _logits(2, 3, 2, 2).float().requires_grad_()
+    l_s, trusted = dd.loss_semi(pred_u, z2, t)
+    assert trusted.tolist() == [[[False, True], [True, True]], [[False, False], [False, True]]]   # per image
+    assert not trusted.requires_grad
+    logp = F.log_softmax(pred_u.detach(), 1)
+    arg = pred_u.detach().argmax(1)
+    picked = [-logp[n, arg[n, h, w], h, w] for n, h, w in zip(*torch.nonzero(trusted, as_tuple=True))]
+    assert l_s.item() == pytest.approx(torch.stack(picked).mean().item(), rel=1e-5)
+    l_s.backward()
+    assert pred_u.grad is not None                                                          # only log G(X_u) has a graph
+    assert dd.loss_semi(pred_u, z2, 0.9)[1].sum() == 2                                      # static: 0.95 > 0.9 only
+    assert dd.threshold(z1, "static", 0.9) == 0.9
+    assert dd.threshold(z1, "one_minus_d1", 0.9).flatten().tolist() == pytest.approx([0.7, 0.3])
+    empty, kept = dd.loss_semi(pred_u, z2, 0.99)
+    assert kept.sum() == 0 and empty.item() == 0                                            # no trusted pixel: 0, not NaN
+
+
+@pytest.mark.parametrize("structure", ["s1", "s2", "s3", "s4"])
+def test_dd_d2_output_shape_per_structure(structure):
+    """Table 7: every structure returns one logit per pixel at the input size; s4 decodes at OS 4 from OS 16."""
+    D2 = dd.PixelDiscriminator(21, ndf=8, structure=structure)
+    seen = {}
+    if structure == "s4":
+        D2.e4.register_forward_hook(lambda m, i, o: seen.__setitem__("e4", o.shape[-2:]))
+        D2.decoder.register_forward_hook(lambda m, i, o: seen.__setitem__("dec", o.shape[-2:]))
+    if structure == "s2":
+        D2.e4.register_forward_hook(lambda m, i, o: seen.__setitem__("e4", o.shape[-2:]))
+    for size in ((321, 321), (80, 80), (64, 128)):
+        assert D2(torch.rand(2, 21, *size)).shape == (2, 1, *size)
+        if structure == "s4" and size == (321, 321):
+            assert tuple(seen["e4"]) == (20, 20) and tuple(seen["dec"]) == (80, 80)          # card 15.5
+        if structure == "s2" and size == (321, 321):
+            assert tuple(seen["e4"]) == (80, 80)                                             # features stay at OS 4
+
+
+@pytest.mark.parametrize("head", ["gap", "fc"])
+def test_dd_d1_one_value_per_image(head):
+    D1 = dd.ImageDiscriminator(21, ndf=8, head=head)
+    for size in ((321, 321), (80, 80), (128, 256)):
+        z = D1(torch.rand(3, 21, *size))
+        assert z.shape == (3,)
+    x = torch.rand(2, 21, 80, 80)
+    assert torch.allclose(D1(x)[1], D1(x[1:])[0], atol=1e-6)                                # no mixing across images
+
+
+def test_dd_d2_input_designs_and_hung_d():
+    """Table 6: channel counts; the label-map design carries no gradient to G (card 5)."""
+    prob = F.softmax(_logits(2, 4, 6, 6).float(), 1).requires_grad_()
+    img = torch.randn(2, 3, 6, 6)
+    sizes = {k: dd.d2_input(prob, img, k).shape[1] for k in ("prob", "prob_rgb", "label_rgb", "prob_x_rgb")}
+    assert sizes == {"prob": 4, "prob_rgb": 7, "label_rgb": 7, "prob_x_rgb": 12}
+    assert not dd.d2_input(prob, img, "label_rgb")[:, :4].requires_grad
+    prod = dd.d2_input(prob, img, "prob_x_rgb")
+    assert torch.allclose(prod[:, 3 * 2 + 1], prob[:, 2] * img[:, 1])                     # class 2 times green
+    args = dd.resolve_args(dd.get_parser().parse_args(["--data", "voc", "--d2-input", "prob_x_rgb", "--ndf", "8"]))
+    D = dd.build_discriminators(21, args)
+    assert D["d2"].e1[0].in_channels == 63 and D["d1"].trunk[0][0].in_channels == 21
+    assert D["hung"](torch.rand(1, 21, 321, 321)).shape == (1, 1, 321, 321)
+
+
+def test_dd_generator_shapes_and_torchvision_weights(tmp_path, capsys):
+    """DeepLab-v3+ from torchvision parts: 321 -> logits at stride 4 (81x81); ImageNet weights load by name."""
+    import torchvision
+    model = dd.DeepLabV3Plus(21)
+    x = torch.randn(2, 3, 321, 321)
+    model.eval()
+    assert model(x).shape == (2, 21, 81, 81)
+    assert [c[0].dilation for c in model.aspp.convs[1:4]] == [(6, 6), (12, 12), (18, 18)]
+    assert model.backbone.layer4[0].conv2.stride == (1, 1) and model.aspp.project[3].p == 0.1
+    assert not any(p.requires_grad for n, p in model.backbone.named_parameters() if ".bn" in n or "downsample.1" in n)
+    assert dd.DeepLabV3Plus(21, output_stride=8).aspp.convs[1][0].dilation == (12, 12)     # card 3
+    ref = torchvision.models.resnet101()
+    path = str(tmp_path / "r101.pth")
+    torch.save(ref.state_dict(), path)
+    args = dd.resolve_args(dd.get_parser().parse_args(["--data", "voc", "--restore-from", path]))
+    dd.initialise(model, args)
+    assert torch.equal(model.backbone.layer3[7].conv2.weight, ref.layer3[7].conv2.weight)
+    assert "loaded" in capsys.readouterr().out
+    torch.save({"conv1.weight": torch.zeros(3)}, path)
+    with pytest.raises(common.DataError):
+        dd.initialise(model, args)
+
+
+def test_dd_optimizers_and_schedule():
+    """Card 15.7: SGD (momentum 0.9, wd 1e-4, lr 1e-3, head 1e-2), Adam 1e-4 (0.9, 0.99) for D1 and D2, poly 0.9."""
+    args = dd.resolve_args(dd.get_parser().parse_args(["--data", "voc", "--ndf", "8"]))
+    assert (args.lambda_adv, args.lambda_semi, args.semi_start, args.num_steps, args.batch_size) == \
+           (0.01, 0.1, 5000, 20000, 10)
+    model = dd.DeepLabV3Plus(21, "resnet14", 16, aspp_channels=16, decoder_channels=16)
+    D = dd.build_discriminators(21, args)
+    opt_S, opt_D = dd.make_optimizers(model, D, args)
+    dd.poly_lr(opt_S, opt_D, 0, args)
+    assert [g["lr"] for g in opt_S.param_groups] == [1e-3, 1e-2]
+    g = opt_S.param_groups[0]
+    assert isinstance(opt_S, torch.optim.SGD) and g["momentum"] == 0.9 and g["weight_decay"] == 1e-4
+    assert isinstance(opt_D, torch.optim.Adam) and opt_D.param_groups[0]["betas"] == (0.9, 0.99)
+    assert opt_D.param_groups[0]["lr"] == 1e-4
+    dd.poly_lr(opt_S, opt_D, 10000, args)
+    assert opt_S.param_groups[1]["lr"] == pytest.approx(1e-2 * 0.5 ** 0.9)
+    assert opt_D.param_groups[0]["lr"] == pytest.approx(1e-4 * 0.5 ** 0.9)
+    ids = [id(p) for g in opt_S.param_groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == sum(p.requires_grad for p in model.parameters())
+    assert {id(p) for p in opt_D.param_groups[0]["params"]} == {id(p) for p in D.parameters()}
+    cs = dd.resolve_args(dd.get_parser().parse_args(["--data", "cityscapes"]))
+    assert (cs.num_steps, cs.batch_size, cs.resize, cs.crop_size) == (40000, 2, (512, 1024), None)
+
+
+def test_dd_phases_unlabeled_and_discriminator_updates(tmp_path, monkeypatch):
+    """Card 15.6 and 15.2 inside train(): phase A never draws an unlabeled batch and steps the D optimizer; phase B
+    steps no D optimizer (D1, D2 unchanged) and uses both labeled and unlabeled losses. D is frozen while G uses it."""
+    drawn, d_calls = [], []
+    nxt = common.InfiniteLoader.__next__
+
+    def spy_next(self):
+        drawn.append(self.dataset.seed)
+        return nxt(self)
+    monkeypatch.setattr(common.InfiniteLoader, "__next__", spy_next)
+    fwd = dd.PixelDiscriminator.forward
+    monkeypatch.setattr(dd.PixelDiscriminator, "forward",
+                        lambda self, x: (d_calls.append((next(self.parameters()).requires_grad, x.requires_grad)),
+                                         fwd(self, x))[1])
+    snapshots = []
+    save = dd.save_checkpoint
+    monkeypatch.setattr(dd, "save_checkpoint", lambda run_dir, it, model, D, *a: (
+        snapshots.append((it, {k: v.clone() for k, v in D.state_dict().items()})), save(run_dir, it, model, D, *a)))
+    out = str(tmp_path / "r")
+    dd.main(["--data", "synthetic", "--out", out, "--num-pictures", "0"] + DD_TINY[:10])   # save every 2
+    log = read_log(out)
+    labeled_seed, unlabeled_seed = 0, 1                     # SegDataset seeds: args.seed and args.seed + 1
+    assert drawn[:4].count(unlabeled_seed) == 0            # iterations 0-1: labeled + ground truth only
+    assert drawn[4:].count(unlabeled_seed) == 2 and drawn[4:].count(labeled_seed) == 2 and 2 not in drawn[4:]
+    (_, d_at2), (_, d_at4) = snapshots[0], snapshots[1]
+    assert all(torch.equal(d_at2[k], d_at4[k]) for k in d_at2)                 # fixed after the warm-up
+    assert "loss_D2" in log[1] and "loss_D2" not in log[2] and "loss_semi" in log[2] and "loss_ce" in log[3]
+    # phase A: G's L_ad through a frozen D2 (graph to G), then D2's own step on detached maps; phase B: the trusted
+    # region is read from a frozen D2 on a detached map, and L_ad on the labeled batch still flows through it
+    assert d_calls[:2] == [(False, True), (True, False)]
+    assert d_calls[4:6] == [(False, False), (False, True)]
+
+
+def test_dd_no_freeze_keeps_training_discriminators(tmp_path):
+    out = str(tmp_path / "r")
+    dd.main(["--data", "synthetic", "--out", out, "--no-freeze-d-after-warmup", "--num-pictures", "0"] + DD_TINY[:8])
+    log = read_log(out)
+    assert all("loss_D2" in r and "loss_D1" in r for r in log) and "loss_semi" in log[-1]
+
+
+def test_dd_resume_gives_the_same_losses(tmp_path):
+    straight, parted, again = (str(tmp_path / k) for k in "abc")
+    dd.main(["--data", "synthetic", "--out", straight, "--num-pictures", "0"] + DD_TINY[:-2])
+    assert dd.main(["--data", "synthetic", "--out", parted, "--stop-at", "2"] + DD_TINY) is None
+    dd.main(["--data", "synthetic", "--resume", parted])
+    dd.main(["--data", "synthetic", "--out", again, "--stop-at", "2"] + DD_TINY)
+    a, b, c = read_log(straight), read_log(parted), read_log(again)
+    assert [r["iter"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for k in ("loss_ce", "loss_adv", "loss_D1", "loss_D2", "loss_semi", "trusted", "threshold"):
+            if k in ra:
+                assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), (k, ra["iter"])
+    assert a[1]["loss_D2"] == c[1]["loss_D2"] and a[0]["loss_ce"] == c[0]["loss_ce"]
+
+
+def test_dd_calibration_hand_made():
+    cal = dd.Calibration("cpu")
+    conf = torch.tensor([0.05, 0.15, 0.85, 0.95, 0.95, 0.55])
+    correct = torch.tensor([False, False, True, True, True, False])
+    cal.update(conf, correct, torch.ones(6, dtype=torch.bool))
+    c = cal.compute()
+    assert c["auroc"] == 1.0                                                  # every correct pixel above every wrong
+    assert c["share_of_correct"][8:] == pytest.approx([1 / 3, 2 / 3], abs=1e-5) and sum(c["share_of_correct"][:8]) == 0
+    assert [c["share_of_incorrect"][k] for k in (0, 1, 5)] == pytest.approx([1 / 3] * 3, abs=1e-5)
+    assert c["accuracy_per_bin"][9] == 1.0 and c["accuracy_per_bin"][5] == 0.0 and c["accuracy_per_bin"][3] is None
+    ece = (0.05 + 0.15 + 0.15 + 2 * 0.05 + 0.55) / 6                        # sum over bins of n_b/N |acc_b - conf_b|
+    assert c["ece"] == pytest.approx(ece, rel=1e-6)
+    assert c["mean_conf_correct"] == pytest.approx(0.25 * 0 + (0.85 + 0.95 + 0.95) / 3)
+    cal2 = dd.Calibration("cpu")
+    cal2.update(torch.tensor([0.3, 0.3]), torch.tensor([True, False]), torch.tensor([True, True]))
+    assert cal2.compute()["auroc"] == 0.5                                     # a tie counts one half
+
+
+def test_dd_bad_inputs(tmp_path, capsys):
+    def run(argv, *fragments):
+        _dd_expect(capsys, argv, *fragments)
+    run(["--data", "synthetic", "--ablation", "baseline", "--lambda-semi", "0.1"], "no D2")
+    run(["--data", "synthetic", "--ablation", "static", "--threshold-mode", "d1"], "needs D1")
+    run(["--data", "synthetic", "--t-static", "1.5"], "--t-static")
+    run(["--data", "synthetic", "--batch-size", "1"], "at least 2")
+    run(["--data", "synthetic", "--init", "imagenet"], "use --init none")
+    run(["--data", "synthetic", "--ablation", "everything"], "invalid choice")
+    run(["--data", "synthetic", "--d2-structure", "s5"], "invalid choice")
+    run(["--data", "voc", "--data-root", str(tmp_path / "nowhere")], "does not exist")
+    run(["--data", "synthetic", "--resume", str(tmp_path)], "nothing to resume")
+    assert not os.listdir(tmp_path)
+
+
+def _dd_expect(capsys, argv, *fragments):
+    with pytest.raises(SystemExit) as e:
+        dd.main(argv)
+    assert e.value.code == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("warning:")]
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for f in fragments:
+        assert f in err[0], (f, err[0])
