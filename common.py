@@ -262,16 +262,22 @@ class InfiniteLoader:
     is kept (hung2018 card 5.1). Its whole state is (pass, batches taken in this pass), so a resumed run draws the
     same batches as an uninterrupted one."""
 
-    def __init__(self, dataset, batch_size, seed, workers=0, pin_memory=False, state=(0, 0)):
+    def __init__(self, dataset, batch_size, seed, workers=0, pin_memory=False, state=(0, 0), min_batch=1):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
-        self.workers, self.pin_memory = workers, pin_memory
+        self.workers, self.pin_memory, self.min_batch = workers, pin_memory, min_batch
+        if len(dataset) < min_batch:
+            raise DataError(f"{len(dataset)} images cannot fill a batch of at least {min_batch}; label more images")
         self.epoch, self.pos = state
         self._open()
 
     def _open(self):
         self.dataset.set_epoch(self.epoch)
         g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
-        order = torch.randperm(len(self.dataset), generator=g).tolist()[self.pos * self.batch_size:]
+        order = torch.randperm(len(self.dataset), generator=g).tolist()
+        rest = len(order) % self.batch_size
+        if 0 < rest < self.min_batch:           # a last batch too small for the network (BatchNorm): dropped
+            order = order[:-rest]
+        order = order[self.pos * self.batch_size:]
         self._it = iter(torch.utils.data.DataLoader(self.dataset, self.batch_size, sampler=order, drop_last=False,
                                                     num_workers=self.workers, pin_memory=self.pin_memory))
 

@@ -21,7 +21,7 @@ from unlabeled images. VOC: 20k iterations, batch 10, 321x321; Cityscapes: 40k, 
 
 Reproduce the paper's VOC 1/8 setting (full method, Table 3's last row; numbers lost, see README):
     python dual_disc.py --data voc --data-root DATA/VOC --labeled 0.125
-Table 3 ablations: `--ablation baseline | d2 | d1d2 | static | full` (default full). Table 6: `--d2-input`;
+Table 3 ablations: `--ablation baseline | d2 | d1 | d1d2 | static | full` (default full). Table 6: `--d2-input`;
 Table 7: `--d2-structure s1 | s2 | s3 | s4`. Fig. 2: calibration.png and metrics.json "calibration".
 
 Deviations and choices (R: reconstruction of a lost equation or figure; H: inherited from Hung et al., on which the
@@ -112,6 +112,7 @@ PRESETS = {
 ABLATIONS = {
     "baseline": dict(d1=False, d2=False, lambda_semi=0.0),          # DeepLab-v3+ on labeled images only
     "d2": dict(d1=False, d2=True, lambda_semi=0.0),                 # + D2 (adversarial loss from D2)
+    "d1": dict(d1=True, d2=False, lambda_semi=0.0),                 # D1 alone (Sec. 4.2: "small improvement")
     "d1d2": dict(d1=True, d2=True, lambda_semi=0.0),                # + D1
     "static": dict(d1=False, d2=True, threshold_mode="static"),     # + semi-supervised, manual threshold 0.9
     "full": dict(d1=True, d2=True),                                 # + D1 as the dynamic threshold
@@ -213,6 +214,10 @@ def resolve_args(args):
     if args.lambda_semi > 0 and args.threshold_mode != "static" and not args.d1:
         raise DataError(f"--threshold-mode {args.threshold_mode} needs D1, which --ablation {args.ablation} "
                         f"does not have; use --threshold-mode static")
+    if args.lambda_semi > 0 and args.semi_start < 1 and args.freeze_d_after_warmup:
+        raise DataError("--semi-start 0 with frozen discriminators: D1 and D2 would set thresholds untrained")
+    if args.lambda_adv_unl > 0 and not (args.d1 or args.d2):
+        raise DataError(f"--lambda-adv-unl needs a discriminator; --ablation {args.ablation} has none")
     if args.batch_size < 2:
         raise DataError("--batch-size must be at least 2: the ASPP image-pooling branch has a BatchNorm over 1x1 maps")
     if not 0 < args.t_static < 1:
@@ -292,7 +297,7 @@ class ImageDiscriminator(nn.Module):
     def forward(self, x):                                           # (N, C, H, W)
         x = self.trunk(x)                                           # (N, 512, H/16, W/16)
         if self.head == "gap":
-            return self.classifier(x).mean((1, 2, 3))               # (N,) logits
+            return self.classifier(x).float().mean((1, 2, 3))       # (N,) logits, averaged in float32
         return self.classifier(x.mean((2, 3)))[:, 0]                # (N,)
 
 
@@ -331,14 +336,14 @@ class PixelDiscriminator(nn.Module):
         e3 = self.e3(e2)                                            # (N, 256, H/8, W/8); s2: H/4
         e4 = self.e4(e3)                                            # (N, 512, H/16, W/16); s2: H/4
         if self.structure in ("s1", "s2"):
-            return up(self.classifier(e4), size)                    # (N, 1, H, W)
+            return up(self.classifier(e4).float(), size)            # (N, 1, H, W), float32 under autocast
         if self.structure == "s3":
             d = self.d3(torch.cat([up(e4, e3.shape[-2:]), e3], 1))  # (N, 256, H/8, W/8)
             d = self.d2(torch.cat([up(d, e2.shape[-2:]), e2], 1))   # (N, 128, H/4, W/4)
             d = self.d1(torch.cat([up(d, e1.shape[-2:]), e1], 1))   # (N, 64, H/2, W/2)
-            return self.classifier(up(d, size))                     # (N, 1, H, W)
+            return self.classifier(up(d, size)).float()             # (N, 1, H, W)
         d = torch.cat([up(e4, e2.shape[-2:]), self.skip(e2)], 1)    # (N, 560, H/4, W/4)
-        return up(self.classifier(self.decoder(d)), size)           # (N, 1, H, W)
+        return up(self.classifier(self.decoder(d)).float(), size)   # (N, 1, H, W)
 
 
 class FCDiscriminator(nn.Module):
@@ -351,7 +356,7 @@ class FCDiscriminator(nn.Module):
                                  conv_lrelu(ndf * 4, ndf * 8), nn.Conv2d(ndf * 8, 1, 4, stride=2, padding=1))
 
     def forward(self, x):
-        return up(self.net(x), x.shape[-2:])                        # (N, 1, H, W)
+        return up(self.net(x).float(), x.shape[-2:])                # (N, 1, H, W)
 
 
 def build_discriminators(num_classes, args):
@@ -533,10 +538,11 @@ def initialise(model, args):
 
 
 # ================================================================================================================
-# Data: three endless streams (Hung): labeled images, unlabeled images, labeled ground truth for D1's "real" input
+# Data: three endless streams (Hung): labeled images, unlabeled images, labeled ground truth for the Hung-style D
 # ================================================================================================================
 def build_data(args, source, labeled, unlabeled, stream_states=None):
     normalize = common.Normalize("imagenet")               # torchvision weights: RGB, ImageNet mean/std
+    # min_batch 2: a last partial batch of one image would break the image-pooling branch's BatchNorm
     scales = [0.5 + k / 10 for k in range(12)] if args.random_scale else None      # Hung: {0.5, ..., 1.6}
     train_tf = common.TrainTransform(normalize, args.crop_size, scales, args.random_mirror, args.resize)
     label_tf = common.LabelTransform(args.crop_size, scales, args.random_mirror, args.resize)
@@ -544,11 +550,11 @@ def build_data(args, source, labeled, unlabeled, stream_states=None):
     pin = args.device.startswith("cuda")
     states = stream_states or {}
     make = lambda name, ds, k: common.InfiniteLoader(ds, args.batch_size, args.seed * 3 + k, args.workers, pin,
-                                                     states.get(name, (0, 0)))
+                                                     states.get(name, (0, 0)), min_batch=2)
     streams = {"labeled": make("labeled", common.SegDataset(source, labeled, train_tf, args.seed), 0)}
     if use_unlabeled(args, unlabeled):
         streams["unlabeled"] = make("unlabeled", common.SegDataset(source, unlabeled, train_tf, args.seed + 1), 1)
-    if args.d1 or (args.d2 and args.calib_hung_d):
+    if args.d2 and args.calib_hung_d:
         streams["gt"] = make("gt", common.SegDataset(source, labeled, label_tf, args.seed + 2, labels_only=True), 2)
     val = torch.utils.data.DataLoader(common.SegDataset(source, source.splits["val"], eval_tf), args.eval_batch_size,
                                       num_workers=args.workers, pin_memory=pin)
@@ -651,11 +657,11 @@ def train(args, run_dir, model, D, opt_S, opt_D, streams, val_loader, normalize,
             D.requires_grad_(True)
             p_fake = p.detach()
             l_D = 0
-            y_gt = to_dev(next(streams["gt"])) if "gt" in streams else None   # separate stream (Hung)
+            y_gt = to_dev(next(streams["gt"])) if "gt" in streams else None   # Hung-style D's real maps
             with torch.autocast(**amp):
                 if d1 is not None:
-                    z1_fake = d1(p_fake * valid[:, None]).float()
-                    z1_real = d1(one_hot(y_gt, C)).float()
+                    z1_fake = d1(p_fake * valid[:, None]).float()   # real and fake share the void mask (dev. 2)
+                    z1_real = d1(one_hot(y, C)).float()
                 if d2 is not None:
                     z2_fake = d2(d2_input(p_fake, x, args.d2_input)).float()
                     z2_real = d2(d2_input(one_hot(y, C), x, args.d2_input)).float() if args.d2_real_term else None
@@ -702,6 +708,13 @@ def train(args, run_dir, model, D, opt_S, opt_D, streams, val_loader, normalize,
             t_last, i_last, images = time.time(), it, 0
         if it % args.save_every == 0 or it == stop:
             save_checkpoint(run_dir, it, model, D, opt_S, opt_D, streams)
+        if it == args.semi_start and len(D) and it < args.num_steps:   # card 15.8: calibration after phase A
+            with torch.random.fork_rng(devices=[]):
+                _, calib, _ = evaluate(model, D, val_loader, C, device, amp, 0, args)
+            with open(os.path.join(run_dir, "calibration_warmup.json"), "w") as f:
+                json.dump(calib, f, indent=1)
+            set_train_mode(model, args.freeze_bn_stats)
+            D.train()
         if args.eval_every and it % args.eval_every == 0 and it < args.num_steps:
             with torch.random.fork_rng(devices=[]):              # the val loader draws from the global RNG
                 result, _, _ = evaluate(model, D, val_loader, C, device, amp, 0, args, calibrate=False)
@@ -717,7 +730,8 @@ def save_checkpoint(run_dir, it, model, D, opt_S, opt_D, streams):
     global RNG state is kept for the ASPP dropout."""
     state = {"iteration": it, "model": model.state_dict(), "D": D.state_dict(), "opt_S": opt_S.state_dict(),
              "opt_D": opt_D.state_dict() if opt_D else {}, "streams": {k: s.state() for k, s in streams.items()},
-             "rng": torch.get_rng_state()}
+             "rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     tmp = os.path.join(run_dir, "last.pt.tmp")
     torch.save(state, tmp)
     os.replace(tmp, os.path.join(run_dir, "last.pt"))
@@ -756,7 +770,7 @@ class Calibration:
         ece = float(np.nansum(nb / max(nb.sum(), 1) * np.abs(acc_b - conf_b)))
         # AUROC = P(conf of a correct pixel > conf of an incorrect one), ties within a fine bin counted 1/2
         below_wrong = np.cumsum(h[0]) - h[0]
-        auroc = float((h[1] * (below_wrong + 0.5 * h[0])).sum() / max(n_right * n_wrong, 1)) if n_wrong else None
+        auroc = float((h[1] * (below_wrong + 0.5 * h[0])).sum() / max(n_right * n_wrong, 1)) if n_wrong and n_right else None
         return {"ece": ece, "auroc": auroc,
                 "mean_conf_correct": float(s[1].sum() / max(n_right, 1)),
                 "mean_conf_incorrect": float(s[0].sum() / max(n_wrong, 1)),
@@ -929,6 +943,8 @@ def run(argv=None):
                                                 resume_state and resume_state["streams"])
     if resume_state is not None:
         torch.set_rng_state(resume_state["rng"])            # after the loaders, which draw from it when opened
+        if device.type == "cuda" and resume_state.get("cuda_rng"):
+            torch.cuda.set_rng_state_all(resume_state["cuda_rng"])   # the ASPP dropout on the GPU
 
     if args.resume is None:
         run_dir = args.out or os.path.join("runs", f"dual_disc_{args.data}_{os.path.basename(args.split) if args.split else args.labeled}"
@@ -956,11 +972,19 @@ def run(argv=None):
         save_pictures(os.path.join(run_dir, "predictions.png"), pictures, normalize, common.palette(args.data))
     if "d2" in calib:
         save_calibration(os.path.join(run_dir, "calibration.png"), calib)
+    warm_path = os.path.join(run_dir, "calibration_warmup.json")
+    calib_warm = None
+    if os.path.isfile(warm_path):                        # the same, measured when D1 and D2 were fixed
+        with open(warm_path) as f:
+            calib_warm = json.load(f)
+        if "d2" in calib_warm:
+            save_calibration(os.path.join(run_dir, "calibration_warmup.png"), calib_warm)
     print(common.format_iou_table(result, class_names))
     for k in ("d2", "hung", "softmax"):
         if k in calib:
             c = calib[k]
-            print(f"calibration {k:8s}: ECE {c['ece']:.3f}  AUROC {c['auroc'] or float('nan'):.3f}  mean confidence "
+            auroc = float("nan") if c["auroc"] is None else c["auroc"]
+            print(f"calibration {k:8s}: ECE {c['ece']:.3f}  AUROC {auroc:.3f}  mean confidence "
                   f"on correct {c['mean_conf_correct']:.3f} / incorrect {c['mean_conf_incorrect']:.3f} pixels")
     if "trusted_region" in calib:
         t = calib["trusted_region"]
@@ -968,7 +992,8 @@ def run(argv=None):
               f"accuracy {100 * t['accuracy_inside']:.1f}% inside vs {100 * t['accuracy_outside']:.1f}% outside")
     metrics = {"miou": result["miou"], "pixel_acc": result["pixel_acc"], "mean_acc": result["mean_acc"],
                "iou": dict(zip(class_names, result["iou"])), "iteration": stop,
-               "labeled": len(labeled), "unlabeled": len(unlabeled), "calibration": calib}
+               "labeled": len(labeled), "unlabeled": len(unlabeled), "calibration": calib,
+               "calibration_after_warmup": calib_warm}
     with open(os.path.join(run_dir, "metrics.json.tmp"), "w") as f:   # written last: its presence means "complete"
         json.dump(metrics, f, indent=1)
     os.replace(os.path.join(run_dir, "metrics.json.tmp"), os.path.join(run_dir, "metrics.json"))

@@ -1423,20 +1423,19 @@ def test_dd_c_map_and_loss_D2_hand_made():
 def test_dd_trusted_region_and_L_s_hand_made():
     """Card 15.3-15.4: per-image dynamic thresholds sigmoid(D1), the static 0.9, 1 - D1; L_s by hand; 0 if empty."""
     conf = torch.tensor([[[0.2, 0.4], [0.6, 0.95]], [[0.2, 0.4], [0.6, 0.95]]])            # sigmoid(D2), 2 images
-    z2 = torch.logit(conf)[:, None]
-    z1 = torch.logit(torch.tensor([0.3, 0.7]))                                              # D1: 0.3 and 0.7
+    z2 = torch.logit(conf)[:, None].requires_grad_()
+    z1 = torch.logit(torch.tensor([0.3, 0.7])).requires_grad_()                             # D1: 0.3 and 0.7
     t = dd.threshold(z1, "d1", 0.9)
-    assert t.shape == (2, 1, 1) and t.flatten().tolist() == pytest.approx([0.3, 0.7])
+    assert t.shape == (2, 1, 1) and t.flatten().tolist() == pytest.approx([0.3, 0.7]) and not t.requires_grad
     pred_u = _logits(2, 3, 2, 2).float().requires_grad_()
     l_s, trusted = dd.loss_semi(pred_u, z2, t)
     assert trusted.tolist() == [[[False, True], [True, True]], [[False, False], [False, True]]]   # per image
-    assert not trusted.requires_grad
     logp = F.log_softmax(pred_u.detach(), 1)
     arg = pred_u.detach().argmax(1)
     picked = [-logp[n, arg[n, h, w], h, w] for n, h, w in zip(*torch.nonzero(trusted, as_tuple=True))]
     assert l_s.item() == pytest.approx(torch.stack(picked).mean().item(), rel=1e-5)
     l_s.backward()
-    assert pred_u.grad is not None                                                          # only log G(X_u) has a graph
+    assert pred_u.grad is not None and z1.grad is None and z2.grad is None               # only log G(X_u) has a graph
     assert dd.loss_semi(pred_u, z2, 0.9)[1].sum() == 2                                      # static: 0.95 > 0.9 only
     assert dd.threshold(z1, "static", 0.9) == 0.9
     assert dd.threshold(z1, "one_minus_d1", 0.9).flatten().tolist() == pytest.approx([0.7, 0.3])
@@ -1496,7 +1495,8 @@ def test_dd_generator_shapes_and_torchvision_weights(tmp_path, capsys):
     assert model(x).shape == (2, 21, 81, 81)
     assert [c[0].dilation for c in model.aspp.convs[1:4]] == [(6, 6), (12, 12), (18, 18)]
     assert model.backbone.layer4[0].conv2.stride == (1, 1) and model.aspp.project[3].p == 0.1
-    assert not any(p.requires_grad for n, p in model.backbone.named_parameters() if ".bn" in n or "downsample.1" in n)
+    assert not any(p.requires_grad for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)
+                   for p in m.parameters())
     assert dd.DeepLabV3Plus(21, output_stride=8).aspp.convs[1][0].dilation == (12, 12)     # card 3
     ref = torchvision.models.resnet101()
     path = str(tmp_path / "r101.pth")
@@ -1546,25 +1546,43 @@ def test_dd_phases_unlabeled_and_discriminator_updates(tmp_path, monkeypatch):
     monkeypatch.setattr(common.InfiniteLoader, "__next__", spy_next)
     fwd = dd.PixelDiscriminator.forward
     monkeypatch.setattr(dd.PixelDiscriminator, "forward",
-                        lambda self, x: (d_calls.append((next(self.parameters()).requires_grad, x.requires_grad)),
-                                         fwd(self, x))[1])
+                        lambda self, x: (torch.is_grad_enabled() and d_calls.append(
+                            (next(self.parameters()).requires_grad, x.requires_grad)), fwd(self, x))[1])
     snapshots = []
     save = dd.save_checkpoint
     monkeypatch.setattr(dd, "save_checkpoint", lambda run_dir, it, model, D, *a: (
         snapshots.append((it, {k: v.clone() for k, v in D.state_dict().items()})), save(run_dir, it, model, D, *a)))
     out = str(tmp_path / "r")
-    dd.main(["--data", "synthetic", "--out", out, "--num-pictures", "0"] + DD_TINY[:10])   # save every 2
+    dd.main(["--data", "synthetic", "--out", out, "--num-pictures", "0"] + DD_TINY[:8] + ["--save-every", "1"])
     log = read_log(out)
     labeled_seed, unlabeled_seed = 0, 1                     # SegDataset seeds: args.seed and args.seed + 1
     assert drawn[:4].count(unlabeled_seed) == 0            # iterations 0-1: labeled + ground truth only
     assert drawn[4:].count(unlabeled_seed) == 2 and drawn[4:].count(labeled_seed) == 2 and 2 not in drawn[4:]
-    (_, d_at2), (_, d_at4) = snapshots[0], snapshots[1]
-    assert all(torch.equal(d_at2[k], d_at4[k]) for k in d_at2)                 # fixed after the warm-up
+    d_at = {it: d for it, d in snapshots}
+    assert not torch.equal(d_at[1]["d2.e1.0.weight"], d_at[2]["d2.e1.0.weight"])  # trained in phase A ...
+    assert not torch.equal(d_at[1]["d1.classifier.weight"], d_at[2]["d1.classifier.weight"])
+    assert all(torch.equal(d_at[2][k], d_at[4][k]) for k in d_at[2])          # ... and fixed after the warm-up
+    assert os.path.isfile(os.path.join(out, "calibration_warmup.png"))        # card 15.8: measured at that point
     assert "loss_D2" in log[1] and "loss_D2" not in log[2] and "loss_semi" in log[2] and "loss_ce" in log[3]
     # phase A: G's L_ad through a frozen D2 (graph to G), then D2's own step on detached maps; phase B: the trusted
     # region is read from a frozen D2 on a detached map, and L_ad on the labeled batch still flows through it
     assert d_calls[:2] == [(False, True), (True, False)]
     assert d_calls[4:6] == [(False, False), (False, True)]
+
+
+def test_dd_last_batch_of_one_is_dropped(tmp_path):
+    """9 labeled images in batches of 4 leave one image: the image-pooling BatchNorm cannot take it, so the loader
+    drops it (min_batch=2) instead of crashing at the next pass (VOC 1/2 and every Cityscapes split would)."""
+    out = str(tmp_path / "r")
+    m = dd.main(["--data", "synthetic", "--out", out, "--labeled", "0.009", "--num-pictures", "0"] + DD_TINY[:8])
+    assert m["labeled"] == 9 and len(read_log(out)) == 4
+    source = common.make_source("synthetic", **dd.SYNTHETIC_SIZE)
+    ds = common.SegDataset(source, source.splits["train"][:9], common.LabelTransform(), labels_only=True)
+    it = common.InfiniteLoader(ds, 4, 0, min_batch=2)
+    sizes = [next(it).shape[0] for _ in range(5)]
+    assert sizes == [4, 4, 4, 4, 4]                                            # 4 + 4, the ninth dropped, next pass
+    it = common.InfiniteLoader(ds, 4, 0)
+    assert [next(it).shape[0] for _ in range(3)] == [4, 4, 1]                   # the other scripts keep it
 
 
 def test_dd_no_freeze_keeps_training_discriminators(tmp_path):
@@ -1614,6 +1632,8 @@ def test_dd_bad_inputs(tmp_path, capsys):
     run(["--data", "synthetic", "--ablation", "static", "--threshold-mode", "d1"], "needs D1")
     run(["--data", "synthetic", "--t-static", "1.5"], "--t-static")
     run(["--data", "synthetic", "--batch-size", "1"], "at least 2")
+    run(["--data", "synthetic", "--semi-start", "0"], "untrained")
+    run(["--data", "synthetic", "--ablation", "baseline", "--lambda-adv-unl", "0.001"], "needs a discriminator")
     run(["--data", "synthetic", "--init", "imagenet"], "use --init none")
     run(["--data", "synthetic", "--ablation", "everything"], "invalid choice")
     run(["--data", "synthetic", "--d2-structure", "s5"], "invalid choice")
