@@ -30,7 +30,8 @@ paper says its experiments are based; methods/README rule 3 gives these hung2018
     BCE(D2(Y_onehot), 1) (card 6, consistent with the definition since argmax Y = L).
  2. (R) D1 (not described): Hung's trunk (4x4/2 convs 64-128-256-512, LeakyReLU 0.2), a 4x4/2 conv to 1 channel and
     global average pooling -> one logit per image; `--d1-head fc` for GAP of the trunk + a linear layer (Hung's
-    "no FCD" variant). D1's fake input is G(X) times the valid mask, so void pixels are no real/fake cue (card 4).
+    "no FCD" variant). D1's fake input is G(X) times the valid mask and its real input the same batch's one-hot
+    ground truth (card 4 allows it), so void and padding pixels are zero on both sides and no real/fake cue.
  3. (R) D2 (Table 7, figure lost): Hung's trunk as encoder; s4 (default, output stride 16, x4 up-sampling): a
     DeepLab-v3+-style decoder with the OS4 features as skip; s1, s2, s3 as card 5. Interpolation to exact sizes.
  4. (R) Table 6 input designs (figure lost), `--d2-input`: prob (default, C channels), prob_rgb (C + 3), label_rgb
@@ -43,10 +44,11 @@ paper says its experiments are based; methods/README rule 3 gives these hung2018
     `--no-freeze-d-after-warmup` keeps training them on labeled batches. Labeled L_ce + lambda_ad L_ad continue
     after the warm-up (card 14 #10). Phase A never draws an unlabeled batch.
  8. (R) L_s: mean over the trusted pixels, 0 if there are none (Hung's convention); strict ">" as the card writes.
- 9. (H) Losses are means over counted pixels; D's ground truth comes from a separate stream over the labeled set;
-    Adam betas (0.9, 0.99); poly decay 0.9 for G and the discriminators; 10x learning rate on the new head (ASPP +
-    decoder); Nesterov on (Hung Table 9; this paper says only "momentum 0.9"); no mirroring on VOC; evaluation at
-    505x505 (VOC) and 512x1024 (Cityscapes); bilinear up-sampling with align_corners=True.
+ 9. (H) Losses are means over counted pixels; the Hung-style D of deviation 13 takes its ground truth from a
+    separate stream over the labeled set, as hung2018.py; Adam betas (0.9, 0.99); poly decay 0.9 for G and the
+    discriminators; 10x learning rate on the new head (ASPP + decoder); Nesterov on (Hung Table 9; this paper says
+    only "momentum 0.9"); no mirroring on VOC; evaluation at 505x505 (VOC) and 512x1024 (Cityscapes); bilinear
+    up-sampling with align_corners=True.
 10. (H) BatchNorm of the backbone: affine frozen, batch statistics (`--freeze-bn-stats` for frozen statistics). The
     card suggests frozen statistics on Cityscapes (batch 2); rule 3 keeps Hung's choice. Head BN layers are new and
     trained.
@@ -57,7 +59,9 @@ paper says its experiments are based; methods/README rule 3 gives these hung2018
     per parameter, so this is the same as two). No code was released, so there is no `--official-quirks`.
 13. (I) A Hung-style pixel discriminator (hung2018.py's FCDiscriminator, all fakes labeled 0) is trained beside D2 on
     the same detached predictions during the warm-up and never trains G: it only gives Fig. 2's comparison
-    (`--no-calib-hung-d` to save its cost, about 4% of a VOC iteration by FLOPs).
+    (`--no-calib-hung-d` saves its forward and backward passes). The calibration is measured when
+    the warm-up ends (card 15.8; calibration_warmup.png) and at the end of training (calibration.png).
+    A last partial batch of one image is dropped (the ASPP image-pooling BatchNorm cannot take it).
 14. (I) Cityscapes as hung2018.py: images and labels resized to 512x1024, no crop, scale or mirroring.
 15. The `synthetic` preset is not the paper's setting: a 1-block-per-stage bottleneck ResNet ("resnet14", inner
     width 16) from scratch, ASPP rates 1-3 with 64 channels, Adam 5e-4 without the 10x head, discriminators at
@@ -374,7 +378,8 @@ def build_discriminators(num_classes, args):
 
 
 def d2_input(prob, image, design):
-    """Table 6 (deviation 4): what D2 sees, from a probability or one-hot map (N, C, H, W) and the image (N, 3, H, W)."""
+    """Table 6 (deviation 4): what D2 sees, from a probability or one-hot map (N, C, H, W) and the image
+    (N, 3, H, W)."""
     if design == "prob":
         return prob                                                          # (N, C, H, W)
     if design == "prob_rgb":
@@ -770,7 +775,8 @@ class Calibration:
         ece = float(np.nansum(nb / max(nb.sum(), 1) * np.abs(acc_b - conf_b)))
         # AUROC = P(conf of a correct pixel > conf of an incorrect one), ties within a fine bin counted 1/2
         below_wrong = np.cumsum(h[0]) - h[0]
-        auroc = float((h[1] * (below_wrong + 0.5 * h[0])).sum() / max(n_right * n_wrong, 1)) if n_wrong and n_right else None
+        auroc = (float((h[1] * (below_wrong + 0.5 * h[0])).sum() / (n_right * n_wrong))
+                 if n_wrong and n_right else None)
         return {"ece": ece, "auroc": auroc,
                 "mean_conf_correct": float(s[1].sum() / max(n_right, 1)),
                 "mean_conf_incorrect": float(s[0].sum() / max(n_wrong, 1)),
@@ -859,13 +865,13 @@ def save_calibration(path, calib):
     for j, name in enumerate(names):
         c = calib[name]
         x0 = m + j * (pw + m)
-        for r, (label, series) in enumerate(((f"share of pixels (ECE {c['ece']:.3f}, AUROC "
-                                              f"{c['auroc'] if c['auroc'] is None else round(c['auroc'], 3)})",
-                                              [(c["share_of_correct"], (40, 160, 60)),
-                                               (c["share_of_incorrect"], (200, 50, 50))]),
-                                             ("accuracy per bin", [(c["accuracy_per_bin"], (70, 90, 200))]))):
+        auroc = c["auroc"] if c["auroc"] is None else round(c["auroc"], 3)
+        head = f"share of correct (green) / wrong (red) pixels\nECE {c['ece']:.3f}, AUROC {auroc}"
+        panels = ((head, [(c["share_of_correct"], (40, 160, 60)), (c["share_of_incorrect"], (200, 50, 50))]),
+                  ("accuracy per bin", [(c["accuracy_per_bin"], (70, 90, 200))]))
+        for r, (label, series) in enumerate(panels):
             y0 = m + r * (ph + m)
-            dr.text((x0, y0 - 28 if r == 0 else y0 - 14), (titles[name] + "\n" if r == 0 else "") + label, fill="black")
+            dr.text((x0, y0 - 38 if r == 0 else y0 - 14), (titles[name] + "\n" if r == 0 else "") + label, fill="black")
             dr.rectangle([x0, y0, x0 + pw, y0 + ph], outline="black")
             top = max([v for s, _ in series for v in s if v is not None] + [1e-9]) if r == 0 else 1.0
             bw = pw / PLOT_BINS
