@@ -259,14 +259,15 @@ class SegDataset(torch.utils.data.Dataset):
 
 class InfiniteLoader:
     """Endless batches over a dataset, reshuffled every pass by a seeded permutation; the last partial batch of a pass
-    is kept (hung2018 card 5.1). Its whole state is (pass, batches taken in this pass), so a resumed run draws the
-    same batches as an uninterrupted one."""
+    is kept (hung2018 card 5.1) unless it has fewer than `min_batch` images. Its whole state is (pass, batches taken
+    in this pass), so a resumed run draws the same batches as an uninterrupted one."""
 
     def __init__(self, dataset, batch_size, seed, workers=0, pin_memory=False, state=(0, 0), min_batch=1):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.workers, self.pin_memory, self.min_batch = workers, pin_memory, min_batch
         if len(dataset) < min_batch:
-            raise DataError(f"{len(dataset)} images cannot fill a batch of at least {min_batch}; label more images")
+            raise DataError(f"a stream of {len(dataset)} image(s) cannot fill a batch of at least {min_batch}; "
+                            f"choose another --labeled fraction")
         self.epoch, self.pos = state
         self._open()
 

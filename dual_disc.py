@@ -621,7 +621,8 @@ def train(args, run_dir, model, D, opt_S, opt_D, streams, val_loader, normalize,
                 pred_u = up(model(x_u).float(), x_u.shape[-2:])       # (N, C, H, W) logits
                 p_u = F.softmax(pred_u, 1)
                 p_in = p_u if args.lambda_adv_unl > 0 else p_u.detach()   # no graph through D1, D2 unless L_ad_u
-                z1_u = d1(p_in).float() if d1 is not None else None   # (N,): the dynamic thresholds
+                need_d1 = d1 is not None and (args.threshold_mode != "static" or args.lambda_adv_unl > 0)
+                z1_u = d1(p_in).float() if need_d1 else None          # (N,): the dynamic thresholds
                 z2_u = d2(d2_input(p_in, x_u, args.d2_input)).float() if d2 is not None else None   # (N, 1, H, W)
             loss_u = 0
             if args.lambda_semi > 0:
@@ -758,11 +759,10 @@ class Calibration:
         self.conf_sum = torch.zeros(2, FINE_BINS, dtype=torch.float64, device=device)
 
     def update(self, conf, correct, valid):
-        c, k = conf[valid].double(), correct[valid].long()
-        b = (c * FINE_BINS).long().clamp(0, FINE_BINS - 1)
-        idx = k * FINE_BINS + b
-        self.hist.view(-1).index_add_(0, idx, torch.ones_like(c))
-        self.conf_sum.view(-1).index_add_(0, idx, c)
+        c, w = conf.flatten().double(), valid.flatten().double()     # void pixels weigh 0: no boolean indexing,
+        idx = correct.flatten().long() * FINE_BINS + (c * FINE_BINS).long().clamp(0, FINE_BINS - 1)   # no sync
+        self.hist.view(-1).index_add_(0, idx, w)
+        self.conf_sum.view(-1).index_add_(0, idx, c * w)
 
     def compute(self):
         h, s = self.hist.cpu().numpy(), self.conf_sum.cpu().numpy()
@@ -796,7 +796,7 @@ def evaluate(model, D, loader, num_classes, device, amp, num_pictures, args, cal
     D.eval()
     cm = common.ConfusionMatrix(num_classes, device)
     d1, d2, dh = (D[k] if k in D else None for k in ("d1", "d2", "hung"))
-    calib = {k: Calibration(device) for k, net in (("d2", d2), ("hung", dh), ("softmax", model)) if net is not None}
+    calib = {k: Calibration(device) for k in ("d2", "hung", "softmax") if k in D or k == "softmax"}
     trusted_counts = torch.zeros(4, dtype=torch.float64, device=device)   # trusted, trusted & correct, valid, correct
     pictures = []
     for x, y, _ in loader:

@@ -1633,6 +1633,7 @@ def test_dd_bad_inputs(tmp_path, capsys):
     run(["--data", "synthetic", "--t-static", "1.5"], "--t-static")
     run(["--data", "synthetic", "--batch-size", "1"], "at least 2")
     run(["--data", "synthetic", "--semi-start", "0"], "untrained")
+    run(["--data", "synthetic", "--labeled", "0.001"], "cannot fill a batch")
     run(["--data", "synthetic", "--ablation", "baseline", "--lambda-adv-unl", "0.001"], "needs a discriminator")
     run(["--data", "synthetic", "--init", "imagenet"], "use --init none")
     run(["--data", "synthetic", "--ablation", "everything"], "invalid choice")
