@@ -1133,7 +1133,7 @@ def test_s4_losses_direct():
     assert s4.loss_cons(s, t).item() == pytest.approx(((p - torch.sigmoid(t)) ** 2).mean().item(), rel=1e-5)
     assert s4.loss_cons(s, 3 * s, "cosine").item() == pytest.approx(0, abs=1e-6)
     assert s4.loss_cons(s, -s, "cosine").item() == pytest.approx(2, abs=1e-6)
-    assert [s4.cons_weight(e, 10, 50) for e in (0, 10, 11, 60, 99)] == [0, 0, 0.02, 1, 1]   # card 10.12
+    assert [s4.cons_weight(e, 10, 100) for e in (0, 10, 11, 60, 99)] == [0, 0, 0.02, 1, 1]   # card 10.12
 
 
 def test_s4_fm_gradient_reaches_S_not_D():
