@@ -101,9 +101,71 @@ def read_label(path, num_classes, lut=None):
 # ----------------------------------------------------------------------------------------------------------------
 # Joint image/label transforms
 # ----------------------------------------------------------------------------------------------------------------
-def resize_pair(img, lab, size_hw):
-    """Image bilinear, label nearest-neighbour (labels are indices: never interpolate them)."""
+def _cv2_taps(n_src, n_dst, inv_scale):
+    """One axis of OpenCV's INTER_LINEAR for uint8 (imgproc/src/resize.cpp, scalar path): destination index d reads
+    the source coordinate (d + 0.5) / inv_scale - 0.5 (computed in double, stored as float32), replicated at the
+    border (a coordinate below 0 reads pixel 0, one at or past the last pixel reads the last pixel), and the two
+    weights 1 - t and t are rounded to integers on a 2048 scale (INTER_RESIZE_COEF_BITS = 11).
+    Returns (index0, index1, weight0, weight1), int arrays of length n_dst."""
+    f = ((np.arange(n_dst) + 0.5) * (1.0 / inv_scale) - 0.5).astype(np.float32)
+    i0 = np.floor(f).astype(np.int64)
+    t = f - i0.astype(np.float32)
+    edge = (i0 < 0) | (i0 >= n_src - 1)
+    t[edge] = 0
+    i0 = np.clip(i0, 0, n_src - 1)
+    w1 = np.rint(t * np.float32(2048)).astype(np.int32)
+    w0 = np.rint((np.float32(1) - t) * np.float32(2048)).astype(np.int32)
+    return i0, np.minimum(i0 + 1, n_src - 1), w0, w1
+
+
+def resize_cv2_linear(img, size_hw, factor=None):
+    """cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR) for a uint8 (H, W[, 3]) image, without OpenCV.
+
+    2x2 taps and no antialiasing (a shrink by 0.5 averages 2x2 blocks and keeps pixel noise; PIL's BILINEAR widens
+    its filter and smooths it away). Fixed point as OpenCV: the horizontal pass sums the two taps times their
+    2048-scale weights, the vertical pass does the same on those sums, and the result is (v + 2^21) >> 22.
+    `factor` (fy, fx): the call was cv2.resize(img, None, fx=fx, fy=fy), as in the released VOC loaders
+    (AdvSemiSeg's generate_scale_label): OpenCV then maps with 1/fx rather than src/dst.
+    This is the formula of OpenCV's scalar code, integer for integer; its SIMD vertical pass drops low bits of the
+    horizontal sums before multiplying, so OpenCV itself can differ from it by one grey level (README)."""
     h, w = size_hw
+    fy, fx = factor if factor is not None else (h / img.shape[0], w / img.shape[1])
+    y0, y1, b0, b1 = _cv2_taps(img.shape[0], h, fy)
+    x0, x1, a0, a1 = _cv2_taps(img.shape[1], w, fx)
+    src, extra = img.astype(np.int32), (1,) * (img.ndim - 2)            # weights broadcast over the channels
+    rows = src[:, x0] * a0.reshape(-1, *extra) + src[:, x1] * a1.reshape(-1, *extra)   # (H, w[, 3]) <= 255 * 2048
+    v = rows[y0] * b0.reshape(-1, 1, *extra) + rows[y1] * b1.reshape(-1, 1, *extra)   # (h, w[, 3]) < 2^31
+    return ((v + (1 << 21)) >> 22).clip(0, 255).astype(np.uint8)
+
+
+def resize_cv2_nearest(lab, size_hw, factor=None):
+    """cv2.resize(lab, (w, h), interpolation=cv2.INTER_NEAREST) without OpenCV: destination index d reads source
+    index floor(d / inv_scale), clamped to the last one (PIL's NEAREST takes the pixel under the destination pixel's
+    centre instead, floor((d + 0.5) * src/dst)). `factor` as in resize_cv2_linear."""
+    h, w = size_hw
+    fy, fx = factor if factor is not None else (h / lab.shape[0], w / lab.shape[1])
+    ys = np.minimum(np.floor(np.arange(h) * (1.0 / fy)).astype(np.int64), lab.shape[0] - 1)
+    xs = np.minimum(np.floor(np.arange(w) * (1.0 / fx)).astype(np.int64), lab.shape[1] - 1)
+    return lab[ys[:, None], xs[None, :]]
+
+
+RESAMPLE = ("cv2", "pil")
+
+
+def resize_pair(img, lab, size_hw, resample="cv2", factor=None):
+    """Image bilinear, label nearest-neighbour (labels are indices: never interpolate them), (h, w) = size_hw.
+
+    resample "cv2": OpenCV's INTER_LINEAR / INTER_NEAREST (resize_cv2_linear / resize_cv2_nearest), as the released
+    loaders of Hung et al. (hfslyc/AdvSemiSeg) and s4GAN's VOC loader resize (hung2018 card 7.2, s4gan_mlmt card
+    7.1); `factor` (fy, fx) when the size came from a scale factor (cv2.resize(src, None, fx, fy)).
+    "pil": PIL's BILINEAR (antialiased when shrinking) / NEAREST, as PIL- and scipy-based loaders (s4GAN's
+    PASCAL-Context and Cityscapes loaders, torchvision transforms)."""
+    h, w = size_hw
+    if resample == "cv2":
+        img = resize_cv2_linear(img, size_hw, factor)
+        return img, None if lab is None else resize_cv2_nearest(lab, size_hw, factor)
+    if resample != "pil":
+        raise DataError(f"unknown resampling {resample!r}; choose one of: {', '.join(RESAMPLE)}")
     img = np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR))
     if lab is not None:
         lab = np.asarray(Image.fromarray(lab).resize((w, h), Image.NEAREST))
@@ -122,23 +184,28 @@ class TrainTransform:
     kept; `blur` p: Gaussian blur of radius U(0, 1) with probability p (both: the PASCAL-Context loader of s4GAN's
     released code, s4gan_mlmt card 7.2; it blurs after the crop, this before it, which differs only at the crop's
     border). `label_pad`: the label value of padded pixels (Context: 0).
+    `resample` ("cv2" | "pil", see resize_pair) for every resize; with "cv2" a scale factor f gives the size
+    round-half-even(h * f) and maps with 1/f, as cv2.resize(src, None, fx=f, fy=f) in the released VOC loaders.
     """
 
     def __init__(self, normalize, crop=None, scales=None, mirror=False, resize_to=None, max_rotation=0.0,
-                 short_side=None, blur=0.0, label_pad=IGNORE):
+                 short_side=None, blur=0.0, label_pad=IGNORE, resample="cv2"):
         self.normalize, self.crop, self.scales, self.mirror, self.resize_to = normalize, crop, scales, mirror, resize_to
         self.max_rotation, self.short_side, self.blur, self.label_pad = max_rotation, short_side, blur, label_pad
+        self.resample = resample
 
     def __call__(self, img, lab, rng):
         if self.resize_to is not None:
-            img, lab = resize_pair(img, lab, self.resize_to)
+            img, lab = resize_pair(img, lab, self.resize_to, self.resample)
         if self.scales:
             f = self.scales[rng.randrange(len(self.scales))]
             h, w = lab.shape
-            img, lab = resize_pair(img, lab, (int(h * f + 0.5), int(w * f + 0.5)))
+            size = (round(h * f), round(w * f)) if self.resample == "cv2" else (int(h * f + 0.5), int(w * f + 0.5))
+            img, lab = resize_pair(img, lab, size, self.resample, factor=(f, f))
         if self.short_side:
             s, (h, w) = rng.randint(*self.short_side), lab.shape
-            img, lab = resize_pair(img, lab, (s, int(w * s / h + 0.5)) if h <= w else (int(h * s / w + 0.5), s))
+            img, lab = resize_pair(img, lab, (s, int(w * s / h + 0.5)) if h <= w else (int(h * s / w + 0.5), s),
+                                   self.resample)
         if self.max_rotation:
             angle = rng.uniform(-self.max_rotation, self.max_rotation)
             img = np.asarray(Image.fromarray(img).rotate(angle, Image.BILINEAR))
@@ -194,20 +261,23 @@ class EvalTransform:
     card 7.4) or resize to a fixed size (Cityscapes 512x1024, label nearest unless `full_res_label`). Padding the label
     with 255 is the same as cropping the prediction back: padded pixels are ignored by the confusion matrix.
     `short_side` s (PASCAL-Context in s4GAN's released code, s4gan_mlmt card 7.5): resize the short
-    side to s (image bilinear, label nearest), then cut the central s x s square of both."""
+    side to s (image bilinear, label nearest), then cut the central s x s square of both. `resample`: as
+    TrainTransform (the released evaluations resize as their training loaders: s4GAN's Context and Cityscapes
+    loaders with PIL / scipy, card 7.5; VOC is padded, never resized)."""
 
-    def __init__(self, normalize, pad_to=None, resize_to=None, full_res_label=False, short_side=None):
+    def __init__(self, normalize, pad_to=None, resize_to=None, full_res_label=False, short_side=None,
+                 resample="cv2"):
         self.normalize, self.pad_to, self.resize_to, self.full_res_label = normalize, pad_to, resize_to, full_res_label
-        self.short_side = short_side
+        self.short_side, self.resample = short_side, resample
 
     def __call__(self, img, lab, rng=None):
         if self.resize_to is not None:
-            img, small = resize_pair(img, lab, self.resize_to)
+            img, small = resize_pair(img, lab, self.resize_to, self.resample)
             lab = lab if self.full_res_label else small
         if self.short_side is not None:
             s, (h, w) = self.short_side, lab.shape
             img, lab = resize_pair(img, lab, (s, max(s, int(w * s / h + 0.5))) if h <= w
-                                   else (max(s, int(h * s / w + 0.5)), s))
+                                   else (max(s, int(h * s / w + 0.5)), s), self.resample)
             y, x = (lab.shape[0] - s) // 2, (lab.shape[1] - s) // 2
             img, lab = img[y:y + s, x:x + s], lab[y:y + s, x:x + s]
         img = self.normalize(img)

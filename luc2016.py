@@ -595,7 +595,7 @@ def split_train(source, args):
 def build_data(args, source, labeled, stream_state=None):
     normalize = common.Normalize("imagenet")          # torchvision VGG-16 (card 12.1); LCN follows for farabet
     train_tf = common.TrainTransform(normalize, args.crop_size, args.scales, args.random_mirror, None,
-                                     args.max_rotation)
+                                     args.max_rotation, resample="pil")   # no released code: PIL, as before
     eval_tf = common.EvalTransform(normalize, args.eval_pad)
     pin = args.device.startswith("cuda")
     stream = common.InfiniteLoader(common.SegDataset(source, labeled, train_tf, args.seed), args.batch_size,

@@ -24,6 +24,7 @@ CE + FM `--lambda-st 0`; Table 5 "MLMT only" = CE only with its default fused ev
 Deviations and choices (paper / released code sud0301/semisup-semseg / this script; `--official-quirks` = all quirks):
  1. Losses are means (paper: sums); L_D halves the sum of its two means (code). The lambdas were tuned on the means.
  2. ASPP: DeepLab-v2 sums four branches; the code returns inside the loop (rates 6+12). Default 4, `--aspp-branches 2`.
+    Its weights N(0, 0.01), its biases PyTorch's default initialisation (code; paper silent).
  3. Backbone parameters listed 3-4 times in SGD by the code. Default once, quirk `--official-optimizer` (3-4 momentum
     sub-steps, with today's weight decay rather than PyTorch 0.4's in-place accumulation).
  4. The 10x learning rate of the ASPP head is the code's (paper silent): kept.
@@ -32,8 +33,12 @@ Deviations and choices (paper / released code sud0301/semisup-semseg / this scri
     mean in training, and puts the stride in the first 1x1 conv: quirks `--official-input`, `--stride-in-1x1`.
  6. Augmentation (VOC, Context): random scale {0.5..1.6} + crop 321 + flip (paper Sec. 4.1.1, "Context the same as
     VOC"). Code: VOC neither scale nor flip (`--no-random-scale --no-random-mirror`); Context short side U[252, 1010]
-    and blur p 0.5 (`--official-context-aug`; blurred before the crop here, after it there). Context padding is
-    labeled background 0 (code; paper silent); padded pixels are the mean colour (code: black).
+    and blur p 0.5 (`--official-context-aug`; blurred before the crop here, after it there). Padded label pixels
+    are ignored (255); the code's Context loader labels them background 0, which its own augmentation makes rare
+    (it pads only when the short side is under 321), so 0 comes only with `--official-context-aug` (with the scaling
+    0.5-1.6 far more crops are padded). Padded image pixels are the mean colour (code: black). Resampling (paper
+    silent) as each released loader, `--resample`: VOC cv2.resize (bilinear 2x2 taps without antialiasing, nearest
+    = floor(x * src/dst)), reproduced without OpenCV; Context and Cityscapes PIL (antialiased bilinear).
  7. D dropout: paper p 0.5 after each of the 4 convs; code Dropout2d after conv1-3 only (`--official-dropout`).
  8. L_fm's norm (paper unspecified): mean absolute difference over the 512 pooled features (code). D's image input is
     min-max normalised over the whole batch tensor (code; each batch by its own range: the code's real side takes
@@ -42,11 +47,15 @@ Deviations and choices (paper / released code sud0301/semisup-semseg / this scri
     which differs only for a score of exactly gamma: no flag).
 10. MLMT classification term: sigmoid + BCE (the paper's "categorical CE"; its 2019 README says sigmoid + BCE).
 11. MLMT consistency: paper MSE on labeled and unlabeled images (default, on sigmoid outputs); code cosine distance
-    of logits on unlabeled images only (`--cons cosine`). Weight w: 0 for the first 10 epochs, then linear to 1 at
-    epoch 60 (code; paper silent). Views: weak (resize 320 + flip) to the teacher, strong (+ colour jitter 0.4/0.4/
-    0.4/0.1, blur sigma U(0.1, 2)) to the student (code). Teacher built separately, its BN statistics its own (code).
+    of logits on unlabeled images only (`--cons cosine`). Weight w: 0 for the first 10 epochs (`--burn-in`), then
+    min(1, (e - 10) * 2 / --mlmt-epochs), 1 from epoch 60 of 100 (code; paper silent), times lambda_cons (the code
+    clamps at lambda_cons instead: the same for the paper's 1.0). Views: weak (resize 320 + flip) to the teacher,
+    strong (+ colour jitter 0.4/0.4/0.4/0.1, blur sigma U(0.1, 2)) to the student (code). Teacher built separately,
+    its BN statistics its own (code).
 12. Fusion: paper zeroes the class's "segmentation map" where G <= tau: softmax probabilities masked (default); code
-    masks logits and keeps G >= tau (`--fuse-logits`), where a dropped class can still win.
+    masks logits and keeps G >= tau (`--fuse-logits`), where a dropped class can still win. Eq. (7) names "the soft
+    output of the MLMT-branch", the student G; we fuse the teacher's scores, as the released README's fusion does
+    (`--fuse-with student` for the student's).
 13. Iterations: paper 35K VOC/Cityscapes, 50K Context; code 40K (`--official-quirks` sets 40K with `--eval-every 5000`,
     which logs val mIoU at 30K, the released README's snapshot, fused too when an MLMT run is given with
     `--stage s4gan --mlmt-scores`). Cityscapes batch: paper 5, code 8 (quirk).
@@ -87,34 +96,36 @@ PAPER = dict(
     backbone="resnet101", width=64, init="imagenet", aspp_rates=(6, 12, 18, 24),  # Sec. 4.1.2; card 4.1-4.2
     num_steps=35000, batch_size=8, crop_size=(321, 321), resize=None,            # Sec. 4.1.3; Sec. 4.1.1
     random_scale=True, random_mirror=True, official_context_aug=False,           # Sec. 4.1.1 (deviation 6)
+    resample="cv2",                                                              # VOC loader's cv2.resize (dev. 6)
     optimizer="sgd", lr=2.5e-4, head_lr_mult=10, momentum=0.9, weight_decay=5e-4, nesterov=False,   # Sec. 4.1.3
     lr_d=1e-4, power=0.9, ndf=64,                                                # Sec. 4.1.3 (Adam 0.9/0.99)
     lambda_fm=0.1, lambda_st=1.0, lambda_gan=0.0, gamma=0.6,                     # Sec. 4.1.3; Table 6 SGAN
     aspp_branches=4, official_optimizer=False, official_input=False, stride_in_1x1=False, official_dropout=False,
-    tau=0.2, fuse_logits=False,                                                  # Eq. (7), Sec. 4.1.3
+    tau=0.2, fuse_logits=False, fuse_with="teacher",                             # Eq. (7), Sec. 4.1.3 (dev. 12)
     # MLMT (Sec. 3.2, 4.1.2; the rest from the released train_mlmt.py, card 5.3 / 6)
     mlmt_backbone="resnet101", mlmt_init="imagenet", mlmt_size=320, mlmt_epochs=100, mlmt_batch_size=16,
     mlmt_batch_size_unl=80, mlmt_lr=3e-2, mlmt_lr_min=1e-4, mlmt_weight_decay=1e-5, lambda_cons=1.0,
-    cons="mse", burn_in=10, ramp_epochs=50, ema_decay=0.999, mlmt_eval_every=5,
-    stage="both", eval_pad=(505, 505), eval_short_side=None, eval_batch_size=4, label_pad=IGNORE,
+    cons="mse", burn_in=10, ema_decay=0.999, mlmt_eval_every=5,
+    stage="both", eval_pad=(505, 505), eval_short_side=None, eval_batch_size=4,
     save_every=1000, eval_every=0, log_every=20)
 PRESETS = {
     "voc": {},
-    # Sec. 4.1.1 "the same as for VOC", 50K iterations (Sec. 4.1.3); padding is background, evaluation on the central
-    # 512x512 after resizing the short side to 512 (released code, card 7.2 / 7.5)
-    "context": dict(num_steps=50000, label_pad=0, eval_pad=None, eval_short_side=512),
-    # Sec. 4.1.1: half resolution, crops 256x512, flips; Sec. 4.1.3: batch 5, gamma 0.7, D lr 1e-5; MLMT not used
+    # Sec. 4.1.1 "the same as for VOC", 50K iterations (Sec. 4.1.3); evaluation on the central 512x512 after resizing
+    # the short side to 512, resampled with PIL as the released Context loader (card 7.2 / 7.5)
+    "context": dict(num_steps=50000, eval_pad=None, eval_short_side=512, resample="pil"),
+    # Sec. 4.1.1: half resolution, crops 256x512, flips; Sec. 4.1.3: batch 5, gamma 0.7, D lr 1e-5; MLMT not used;
+    # resized with PIL as the released loader (scipy.misc.imresize, card 7.3)
     "cityscapes": dict(batch_size=5, crop_size=(256, 512), resize=(512, 1024), random_scale=False, gamma=0.7,
-                       lr_d=1e-5, stage="s4gan", eval_pad=None, eval_batch_size=2),
+                       lr_d=1e-5, stage="s4gan", eval_pad=None, eval_batch_size=2, resample="pil"),
     # Not the paper's (deviation 16): the segmenter of hung2018's synthetic preset (README, "The synthetic dataset":
     # Adam 5e-4 from scratch, ASPP rates 1-4 for 11x11 logits), D at 1/4 width, 1,000 iterations; MLMT: a one-block-
     # per-stage torchvision ResNet ("resnet10") from scratch on the 80 px images, 20 epochs of the 125 labeled images
-    # (burn-in 2, ramp 10), unlabeled batch 32, lr 0.03 (README, "s4gan_mlmt on synthetic data").
+    # (burn-in 2, ramp over epochs 3-12), unlabeled batch 32, lr 0.03 (README, "s4gan_mlmt on synthetic data").
     "synthetic": dict(backbone="resnet18", width=32, init="none", aspp_rates=(1, 2, 3, 4), num_steps=1000,
                       batch_size=8, crop_size=None, random_scale=False, random_mirror=True, optimizer="adam",
                       lr=5e-4, head_lr_mult=1, ndf=16, eval_pad=None, eval_batch_size=50, save_every=400,
                       log_every=100, mlmt_backbone="resnet10", mlmt_init="none", mlmt_size=80, mlmt_epochs=20,
-                      mlmt_batch_size_unl=32, burn_in=2, ramp_epochs=10, mlmt_eval_every=10),
+                      mlmt_batch_size_unl=32, burn_in=2, mlmt_eval_every=10),
 }
 # Behaviour of the released code that differs from the defaults (methods/README rule 2); see the docstring.
 OFFICIAL_QUIRKS = dict(aspp_branches=2, official_optimizer=True, official_input=True, stride_in_1x1=True,
@@ -163,6 +174,9 @@ def get_parser():
     a("--crop-size", type=int, nargs=2, help="training crop H W (PASCAL 321 321, Cityscapes 256 512)")
     a("--random-scale", action=argparse.BooleanOptionalAction, default=None, help="scale by 0.5..1.6 (Sec. 4.1.1)")
     a("--random-mirror", action=argparse.BooleanOptionalAction, default=None, help="horizontal flips (Sec. 4.1.1)")
+    a("--resample", choices=common.RESAMPLE,
+      help="image/label resizing (paper silent): cv2 = OpenCV's INTER_LINEAR/NEAREST as the released VOC loader "
+           "(default); pil = PIL, antialiased when shrinking, as the released Context and Cityscapes loaders")
     a("--optimizer", choices=["sgd", "adam"], help="optimizer of S (Sec. 4.1.3: SGD; synthetic preset: Adam)")
     a("--lr", type=float, help="S learning rate (Sec. 4.1.3: 2.5e-4)")
     a("--head-lr-mult", type=float, help="learning-rate factor of the ASPP head (released code: 10)")
@@ -177,6 +191,9 @@ def get_parser():
     a("--lambda-gan", type=float, help="weight of the standard GAN loss of Table 6's 'CE + SGAN' (not given: 0.1)")
     a("--gamma", type=float, help="gamma, threshold on D's score for self-training (Sec. 4.1.3: 0.6; Cityscapes 0.7)")
     a("--tau", type=float, help="tau, MLMT threshold of the fusion, Eq. (7) (Sec. 4.1.3: 0.2)")
+    a("--fuse-with", choices=["teacher", "student"],
+      help="MLMT network whose val scores are written and fused: teacher (released README, default) or student "
+           "(Eq. (7) names 'the soft output of the MLMT-branch')")
     # MLMT (Sec. 3.2; the released train_mlmt.py where the paper is silent)
     a("--mlmt-backbone", choices=["resnet101", "resnet50", "resnet18", "resnet10"], help="Sec. 4.1.2: resnet101")
     a("--mlmt-init", choices=["imagenet", "none"], help="Sec. 4.1.2: ImageNet")
@@ -189,8 +206,8 @@ def get_parser():
     a("--mlmt-weight-decay", type=float, help="(code: 1e-5)")
     a("--lambda-cons", type=float, help="lambda_cons, Eq. (6) (Sec. 4.1.3: 1.0)")
     a("--cons", choices=["mse", "cosine"], help="mse: paper Eq. (6), all images; cosine: released code (quirk)")
-    a("--burn-in", type=int, help="epochs without consistency loss (code: 10)")
-    a("--ramp-epochs", type=int, help="then linear ramp of its weight to 1 over this many epochs (code: 50)")
+    a("--burn-in", type=int, help="epochs without consistency loss, then a linear ramp of its weight to 1 over half "
+                                  "of --mlmt-epochs (code: 10)")
     a("--ema-decay", type=float, help="teacher EMA decay, min(1 - 1/(t+1), this) (code: 0.999)")
     a("--mlmt-eval-every", type=int, help="log the MLMT's val scores every N epochs (code: 5)")
     # released-code quirks
@@ -229,6 +246,9 @@ def resolve_args(args):
             setattr(args, k, tuple(getattr(args, k)))
     if args.workers is None:
         args.workers = min(8, os.cpu_count() or 1) if args.device.startswith("cuda") else 0
+    # padded label pixels: ignored (255), except with the released Context augmentation, which labels them background
+    # 0 and pads only when its short side (252-1010) is under the crop (deviation 6)
+    args.label_pad = 0 if args.official_context_aug and args.data == "context" else IGNORE
     if not 0 < args.gamma < 1 or not 0 < args.tau < 1:
         raise DataError(f"--gamma and --tau are thresholds on probabilities, in (0, 1); got {args.gamma}, {args.tau}")
     if args.mlmt_scores and args.stage == "mlmt":
@@ -295,9 +315,8 @@ class ASPP(nn.Module):
         self.branches = branches
         self.conv2d_list = nn.ModuleList(
             nn.Conv2d(in_channels, num_classes, 3, padding=r, dilation=r, bias=True) for r in rates)
-        for conv in self.conv2d_list:           # card 4.1: N(0, 0.01), bias 0 ([I])
-            nn.init.normal_(conv.weight, 0, 0.01)
-            nn.init.zeros_(conv.bias)
+        for conv in self.conv2d_list:           # card 4.1: weights N(0, 0.01); the biases keep PyTorch's default
+            nn.init.normal_(conv.weight, 0, 0.01)   # U(-1/sqrt(fan_in), +) as the released deeplabv2.py (card 4.1)
 
     def forward(self, x):
         out = self.conv2d_list[0](x)
@@ -379,7 +398,8 @@ class Discriminator(nn.Module):
     def forward(self, x):                              # (N, C+3, H, W)
         for conv, drop in zip(self.convs, self.drops):
             x = drop(self.leaky_relu(conv(x)))         # (N, 64, H/2, W/2) ... (N, 512, H/16, W/16)
-        feat = x.mean((2, 3))                          # (N, 512): global average pooling, D_k of Eq. (2)
+        feat = x.float().mean((2, 3))                  # (N, 512): global average pooling, D_k of Eq. (2), in
+                                                       # float32 also under bf16 autocast (a mean of 400 terms)
         return self.fc(feat), feat                     # logit (N, 1): the sigmoid lives in the losses
 
 
@@ -486,9 +506,10 @@ def loss_cons(student_logits, teacher_logits, kind="mse"):
     return ((torch.sigmoid(s) - torch.sigmoid(t)) ** 2).mean()
 
 
-def cons_weight(epoch, burn_in, ramp_epochs):
-    """Released code (deviation 11): w(e) = 0 for e <= burn_in, then min(1, (e - burn_in) / ramp_epochs), e from 0."""
-    return 0.0 if epoch <= burn_in else min(1.0, (epoch - burn_in) / ramp_epochs)
+def cons_weight(epoch, burn_in, num_epochs):
+    """Released train_mlmt.py (deviation 11): w(e) = 0 for e <= burn_in, then min(1, (e - burn_in) * 2 / num_epochs),
+    e counted from 0: the ramp takes half of the run (50 epochs of 100)."""
+    return 0.0 if epoch <= burn_in else min(1.0, (epoch - burn_in) * 2 / num_epochs)
 
 
 @torch.no_grad()
@@ -496,12 +517,13 @@ def ema_update(teacher, student, step, decay):
     """Mean teacher: theta' <- a theta' + (1 - a) theta, a = min(1 - 1/(t + 1), decay), t counted from 1 (card 3.7).
     Parameters only: the teacher's BN statistics come from its own forward passes (deviation 11)."""
     a = min(1 - 1 / (step + 1), decay)
-    for pt, ps in zip(teacher.parameters(), student.parameters()):
-        pt.mul_(a).add_(ps.detach(), alpha=1 - a)
+    t_params, s_params = list(teacher.parameters()), list(student.parameters())   # 314 tensors for ResNet-101
+    torch._foreach_mul_(t_params, a)                   # two multi-tensor kernels instead of 628 small ops
+    torch._foreach_add_(t_params, s_params, alpha=1 - a)
 
 
 # Eq. (7): S(x)_c = 0 where G(x)_c <= tau, on the softmax probabilities. `official`: the released code (deviation
-# 12), which multiplies the logits and keeps scores >= tau. `scores` (N, C): the MLMT teacher's probabilities.
+# 12), which multiplies the logits and keeps scores >= tau. `scores` (N, C): the MLMT's probabilities (--fuse-with).
 def fuse(pred, scores, tau, official=False):
     keep = (scores >= tau if official else scores > tau).to(pred.dtype)[:, :, None, None]   # (N, C, 1, 1)
     return pred * keep if official else F.softmax(pred, 1) * keep
@@ -648,8 +670,9 @@ def build_data(args, source, labeled, unlabeled, stream_states=None):
     scales = [0.5 + k / 10 for k in range(12)] if args.random_scale and not official_ctx else None   # {0.5..1.6}
     train_tf = common.TrainTransform(normalize, args.crop_size, scales, args.random_mirror, args.resize,
                                      short_side=(252, 1010) if official_ctx else None, blur=0.5 if official_ctx else 0,
-                                     label_pad=args.label_pad)
-    eval_tf = common.EvalTransform(eval_normalize, args.eval_pad, args.resize, short_side=args.eval_short_side)
+                                     label_pad=args.label_pad, resample=args.resample)
+    eval_tf = common.EvalTransform(eval_normalize, args.eval_pad, args.resize, short_side=args.eval_short_side,
+                                   resample=args.resample)
     pin = args.device.startswith("cuda")
     states = stream_states or {}
     make = lambda name, ds, k: common.InfiniteLoader(ds, args.batch_size, args.seed * 3 + k, args.workers, pin,
@@ -899,7 +922,7 @@ def train_mlmt(args, run_dir, source, labeled, unlabeled, class_names):
         lr = args.mlmt_lr_min + (args.mlmt_lr - args.mlmt_lr_min) * (1 + math.cos(math.pi * epoch / args.mlmt_epochs)) / 2
         for g in opt.param_groups:
             g["lr"] = lr
-        w = args.lambda_cons * cons_weight(epoch, args.burn_in, args.ramp_epochs)
+        w = args.lambda_cons * cons_weight(epoch, args.burn_in, args.mlmt_epochs)
         student.train(), teacher.train()            # the teacher's BN statistics follow its own batches (dev. 11)
         t0, images = time.time(), 0
         lab_it = epoch_batches(lab_ds, args.mlmt_batch_size, args.seed + 10, epoch, args.workers, pin)
@@ -955,7 +978,8 @@ def train_mlmt(args, run_dir, source, labeled, unlabeled, class_names):
 @torch.no_grad()
 def evaluate_mlmt(teacher, student, val_ds, device, amp, args):
     """Teacher and student on the val images (eval mode): mean average precision over classes, and precision /
-    recall of "present" at tau, the threshold the fusion uses. `scores`: the teacher's probabilities, (N_val, C)."""
+    recall of "present" at tau, the threshold the fusion uses. `scores`: the probabilities of the network that the
+    fusion uses (--fuse-with: the teacher by default, deviation 12), (N_val, C)."""
     teacher.eval(), student.eval()
     loader = torch.utils.data.DataLoader(val_ds, 50, num_workers=args.workers)
     outs = {"teacher": [], "student": []}
@@ -974,7 +998,7 @@ def evaluate_mlmt(teacher, student, val_ds, device, amp, args):
         result[f"{name}_map"] = mean_average_precision(p, z)
         result[f"{name}_precision_at_tau"] = float((kept & (z > 0)).sum() / kept.sum().clamp(min=1))
         result[f"{name}_recall_at_tau"] = float((kept & (z > 0)).sum() / (z > 0).sum().clamp(min=1))
-        if name == "teacher":
+        if name == args.fuse_with:
             result["scores"] = p
     teacher.train(), student.train()
     return result
@@ -1167,7 +1191,8 @@ def run(argv=None):
         if fused:
             metrics["fused"] = {"miou": fused["miou"], "pixel_acc": fused["pixel_acc"], "mean_acc": fused["mean_acc"],
                                 "iou": dict(zip(class_names, fused["iou"])), "tau": args.tau,
-                                "scores": args.mlmt_scores or os.path.join(run_dir, "mlmt_val_scores.csv")}
+                                "scores": args.mlmt_scores or os.path.join(run_dir, "mlmt_val_scores.csv"),
+                                **({} if args.mlmt_scores else {"mlmt_network": args.fuse_with})}
     with open(os.path.join(run_dir, "metrics.json.tmp"), "w") as f:   # written last: its presence means "complete"
         json.dump(metrics, f, indent=1)
     os.replace(os.path.join(run_dir, "metrics.json.tmp"), os.path.join(run_dir, "metrics.json"))

@@ -998,7 +998,7 @@ import s4gan_mlmt as s4  # noqa: E402
 
 S4_TINY = ["--num-steps", "4", "--batch-size", "4", "--log-every", "1", "--save-every", "2", "--num-pictures", "2",
            "--mlmt-epochs", "2", "--mlmt-batch-size", "16", "--mlmt-batch-size-unl", "8", "--mlmt-eval-every", "1",
-           "--burn-in", "0", "--ramp-epochs", "1", "--mlmt-size", "48"]
+           "--burn-in", "0", "--mlmt-size", "48"]
 
 
 def test_s4_end_to_end_both_stages_and_fusion(tmp_path):
@@ -1133,7 +1133,7 @@ def test_s4_losses_direct():
     assert s4.loss_cons(s, t).item() == pytest.approx(((p - torch.sigmoid(t)) ** 2).mean().item(), rel=1e-5)
     assert s4.loss_cons(s, 3 * s, "cosine").item() == pytest.approx(0, abs=1e-6)
     assert s4.loss_cons(s, -s, "cosine").item() == pytest.approx(2, abs=1e-6)
-    assert [s4.cons_weight(e, 10, 50) for e in (0, 10, 11, 60, 99)] == [0, 0, 0.02, 1, 1]   # card 10.12
+    assert [s4.cons_weight(e, 10, 100) for e in (0, 10, 11, 60, 99)] == [0, 0, 0.02, 1, 1]   # card 10.12
 
 
 def test_s4_fm_gradient_reaches_S_not_D():
@@ -1205,7 +1205,9 @@ def test_s4_presets_quirks_and_normalizers():
                                                                   "imagenet", 5e-4, False)
     cs = parse("--data", "cityscapes")
     assert (cs.batch_size, cs.gamma, cs.lr_d, cs.stage, cs.crop_size) == (5, 0.7, 1e-5, "s4gan", (256, 512))
-    assert parse("--data", "context").num_steps == 50000 and parse("--data", "context").label_pad == 0
+    assert parse("--data", "context").num_steps == 50000 and parse("--data", "context").label_pad == 255
+    assert parse("--data", "context", "--official-context-aug").label_pad == 0     # issue 13.8: only with its aug
+    assert parse("--data", "voc", "--official-quirks").label_pad == 255
     q = parse("--data", "voc", "--official-quirks")
     assert (q.aspp_branches, q.official_optimizer, q.cons, q.fuse_logits, q.num_steps, q.random_scale,
             q.random_mirror, q.official_dropout) == (2, True, "cosine", True, 40000, False, False, True)
@@ -1651,3 +1653,149 @@ def _dd_expect(capsys, argv, *fragments):
     assert len(err) == 1 and err[0].startswith("error: "), err
     for f in fragments:
         assert f in err[0], (f, err[0])
+
+
+# ===============================================================================================================
+# Helper H2 (issues 13.4, 13.8-13.11, 14.6, 14.7): cv2 resampling, s4gan_mlmt fidelity fixes
+# ===============================================================================================================
+def _cv2_linear_by_hand(img, h, w, fy, fx):
+    """OpenCV's INTER_LINEAR for uint8, written out pixel by pixel: source coordinate (d + 0.5) / f - 0.5 (stored as
+    float32, as OpenCV does), replicated border, weights on a 2048 scale summing to 2048, horizontal then vertical
+    pass, (v + 2^21) >> 22."""
+    def taps(d, f, n):
+        c = float(np.float32((d + 0.5) * (1.0 / f) - 0.5))
+        i = math.floor(c)
+        t = float(np.float32(c - i))
+        if i < 0:
+            i, t = 0, 0.0
+        if i >= n - 1:
+            i, t = n - 1, 0.0
+        w1 = int(round(t * 2048))
+        return i, min(i + 1, n - 1), 2048 - w1, w1
+    out = np.zeros((h, w, img.shape[2]), np.uint8)
+    for y in range(h):
+        y0, y1, b0, b1 = taps(y, fy, img.shape[0])
+        for x in range(w):
+            x0, x1, a0, a1 = taps(x, fx, img.shape[1])
+            for k in range(img.shape[2]):
+                r0 = int(img[y0, x0, k]) * a0 + int(img[y0, x1, k]) * a1
+                r1 = int(img[y1, x0, k]) * a0 + int(img[y1, x1, k]) * a1
+                out[y, x, k] = min(255, (r0 * b0 + r1 * b1 + (1 << 21)) >> 22)
+    return out
+
+
+def test_h2_cv2_resize_matches_the_formula_by_hand():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (13, 17, 3), dtype=np.uint8)
+    lab = rng.integers(0, 21, (13, 17), dtype=np.uint8)
+    for f in (0.5, 0.6, 0.7, 1.3, 1.6):            # cv2.resize(src, None, fx=f, fy=f): size rounded half to even
+        h, w = round(13 * f), round(17 * f)
+        assert np.array_equal(common.resize_cv2_linear(img, (h, w), (f, f)), _cv2_linear_by_hand(img, h, w, f, f))
+        ys = [min(math.floor(d * (1.0 / f)), 12) for d in range(h)]                 # INTER_NEAREST: floor(d / f)
+        xs = [min(math.floor(d * (1.0 / f)), 16) for d in range(w)]
+        assert np.array_equal(common.resize_cv2_nearest(lab, (h, w), (f, f)), lab[np.ix_(ys, xs)])
+    for h, w in ((6, 8), (9, 30)):                 # cv2.resize(src, (w, h)): scale src/dst per axis
+        img_r, lab_r = common.resize_pair(img, lab, (h, w), "cv2")
+        assert np.array_equal(img_r, _cv2_linear_by_hand(img, h, w, h / 13, w / 17))
+        assert np.array_equal(lab_r, lab[np.ix_([min(math.floor(d * (13 / h)), 12) for d in range(h)],
+                                                 [min(math.floor(d * (17 / w)), 16) for d in range(w)])])
+    grey = img[..., 0]                             # a single-channel image takes the same path
+    assert np.array_equal(common.resize_cv2_linear(grey, (9, 12), (0.7, 0.7)),
+                          _cv2_linear_by_hand(grey[..., None], 9, 12, 0.7, 0.7)[..., 0])
+    # TrainTransform: the released loaders' sizes (25 * 0.5 = 12.5 -> 12, half to even) and labels
+    tf = common.TrainTransform(lambda a: a.astype(np.float32), scales=[0.5])
+    big = rng.integers(0, 21, (25, 31), dtype=np.uint8)
+    _, y = tf(rng.integers(0, 256, (25, 31, 3), dtype=np.uint8), big, random.Random(0))
+    assert tuple(y.shape) == (12, 16) and np.array_equal(y.numpy(), big[::2, ::2][:12, :16])
+    _, y = common.TrainTransform(lambda a: a.astype(np.float32), scales=[0.5], resample="pil")(
+        rng.integers(0, 256, (25, 31, 3), dtype=np.uint8), big, random.Random(0))
+    assert tuple(y.shape) == (13, 16)
+    with pytest.raises(common.DataError):
+        common.resize_pair(img, lab, (5, 5), "bicubic")
+
+
+def test_h2_cv2_shrink_keeps_pixel_noise_pil_smooths_it():
+    noise = np.random.default_rng(1).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    cv, _ = common.resize_pair(noise, None, (100, 100), "cv2", factor=(0.5, 0.5))
+    pil, _ = common.resize_pair(noise, None, (100, 100), "pil")
+    assert noise.std() / 2 * 0.95 < cv.std() < noise.std() / 2 * 1.05    # a 2x2 mean: std halves (36.8 of 73.6)
+    assert pil.std() < 0.7 * cv.std()                                      # PIL's wider filter (measured 23 vs 37)
+
+
+def test_h2_s4_resampling_and_context_padding_defaults():
+    parse = lambda *a: s4.resolve_args(s4.get_parser().parse_args(list(a)))
+    assert parse("--data", "voc").resample == "cv2"                      # released VOC loader: cv2.resize
+    assert parse("--data", "context").resample == "pil" and parse("--data", "cityscapes").resample == "pil"
+    assert parse("--data", "voc", "--resample", "pil").resample == "pil"
+    assert common.TrainTransform(None).resample == "cv2" and common.EvalTransform(None).resample == "cv2"
+    ctx = parse("--data", "context")
+    assert ctx.label_pad == 255 and parse("--data", "context", "--official-quirks").label_pad == 0
+    img, lab = np.zeros((30, 40, 3), np.uint8), np.ones((30, 40), np.uint8)
+    _, y = common.TrainTransform(lambda a: a.astype(np.float32), crop=(50, 50), label_pad=ctx.label_pad)(
+        img, lab, random.Random(0))
+    assert (y[30:] == 255).all() and (y[:30, :40] == 1).all()            # padding ignored, not background
+
+
+def test_h2_s4_aspp_biases_keep_pytorch_default_init():
+    torch.manual_seed(0)
+    aspp = s4.ASPP(64, 5)
+    bound = 1 / math.sqrt(64 * 9)                                         # PyTorch's U(-1/sqrt(fan_in), +)
+    for conv in aspp.conv2d_list:
+        assert (conv.bias != 0).all() and conv.bias.abs().max() <= bound
+        assert abs(conv.weight.std().item() - 0.01) < 0.001
+
+
+def test_h2_s4_mlmt_ramp_follows_mlmt_epochs():
+    ramp = lambda e, b, n: 0.0 if e <= b else min(1.0, (e - b) * 2 / n)     # released train_mlmt.py
+    assert [s4.cons_weight(e, 10, 100) for e in (10, 11, 60, 99)] == [0.0, 0.02, 1.0, 1.0]   # card 10.12
+    for n, b in ((100, 10), (20, 2), (7, 1)):
+        assert [s4.cons_weight(e, b, n) for e in range(n)] == [ramp(e, b, n) for e in range(n)]
+
+
+def test_h2_s4_fuse_with_student_writes_and_uses_the_students_scores(tmp_path):
+    out = str(tmp_path / "m")
+    s4.main(["--data", "synthetic", "--stage", "mlmt", "--labeled", "0.02", "--mlmt-epochs", "4", "--burn-in", "1",
+             "--mlmt-batch-size", "10", "--mlmt-batch-size-unl", "8", "--mlmt-eval-every", "4", "--mlmt-size", "32",
+             "--fuse-with", "student", "--out", out])
+    logs = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+    assert [r["cons_weight"] for r in logs] == [0.0, 0.0, 0.5, 1.0]    # (e - 1) * 2 / 4 after one burn-in epoch
+    source = common.make_source("synthetic", **s4.SYNTHETIC_SIZE)
+    state = torch.load(os.path.join(out, "mlmt_last.pt"), weights_only=True)
+    val = s4.MLMTDataset(source, source.splits["val"], 32, 6, train=False)
+    x = torch.stack([val[k][0] for k in range(len(val))])
+    probs = {}
+    for name in ("student", "teacher"):
+        net = s4.make_classifier("resnet10", 6, "none")
+        net.load_state_dict(state[name])
+        with torch.no_grad():
+            probs[name] = torch.sigmoid(net.eval()(x))
+    written = s4.read_scores(os.path.join(out, "mlmt_val_scores.csv"), source.splits["val"], source.CLASSES)
+    written = torch.stack([written[i] for i in source.splits["val"]])
+    assert torch.allclose(written, probs["student"], atol=2e-5)
+    assert not torch.allclose(written, probs["teacher"], atol=1e-3)
+
+
+def test_h2_s4_discriminator_pools_in_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    D = s4.Discriminator(4, ndf=8).eval()
+    x = torch.randn(2, 7, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        z, feat = D(x)
+        h = x
+        for conv in D.convs:
+            h = D.leaky_relu(conv(h))                                     # bf16 activations, as D computes them
+    assert h.dtype == torch.bfloat16 and feat.dtype == torch.float32
+    assert torch.equal(feat, h.float().mean((2, 3)))
+
+
+def test_h2_s4_ema_foreach_equals_the_loop():
+    torch.manual_seed(0)
+    teacher, student = s4.make_classifier("resnet10", 6, "none"), s4.make_classifier("resnet10", 6, "none")
+    ref = [p.detach().clone() for p in teacher.parameters()]
+    for step in (1, 5, 10**6):
+        a = min(1 - 1 / (step + 1), 0.999)
+        for pt, ps in zip(ref, student.parameters()):
+            pt.mul_(a).add_(ps.detach(), alpha=1 - a)
+        s4.ema_update(teacher, student, step, 0.999)
+        assert all(torch.equal(p, r) for p, r in zip(teacher.parameters(), ref))
+
