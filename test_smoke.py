@@ -258,9 +258,10 @@ def test_poly_schedule_and_official_optimizer():
         p = named[name]
         p.grad = torch.ones_like(p)
         w0 = p.detach().clone()
-        ref, buf = w0.clone(), torch.zeros_like(w0)
+        ref, buf, d_p = w0.clone(), torch.zeros_like(w0), torch.ones_like(w0)
         for _ in range(k):
-            buf = 0.9 * buf + (1 + 5e-4 * ref)
+            d_p = d_p + 5e-4 * ref                           # PyTorch 0.3: the decay accumulates in p.grad
+            buf = 0.9 * buf + d_p
             ref = ref - opt_S.param_groups[0]["lr"] * buf
         opt_S.step()
         assert torch.allclose(p.detach(), ref, atol=1e-7), name
@@ -521,15 +522,16 @@ def test_lc_loss_latent_direct_and_properties():
     J /= V                                                     # Eq. (2), divided by the valid pixels
     assert (lc.cooccurrence(prob_l.detach(), y, C) / V).sum().item() == pytest.approx(1.0)   # (g) a distribution
     direct = -sum(J[c, l] * math.log(J[c, l] / J[:, l].sum()) for c in range(C) for l in range(L) if J[c, l] > 0)
-    loss, cooc = lc.loss_latent(prob_l, y, C)
+    loss, cooc = lc.loss_latent(prob_l, y, C, norm="valid")
     assert not cooc.requires_grad and torch.allclose(cooc / V, J)                    # the sums M is updated with
     assert loss.item() == pytest.approx(float(direct), rel=1e-6)
     loss.backward()
     assert torch.isfinite(prob_l.grad).all()                                        # (e) no NaN with an absent class
     assert prob_l.grad[0, :, 0, :].abs().max() == 0                                 # (d) 255 pixels: no gradient
-    norm_all = lc.loss_latent(prob_l.detach(), y, C, norm="all")[0]                    # deviation 3: a scale factor
+    norm_all = lc.loss_latent(prob_l.detach(), y, C)[0]                    # Eq. (2)'s N*H*W; deviation 3: a factor
     assert norm_all.item() == pytest.approx(loss.item() * V / y.numel(), rel=1e-6)
-    assert lc.loss_latent(prob_l.detach()[:, [2, 0, 1]], y, C)[0].item() == pytest.approx(loss.item(), rel=1e-9)   # (c)
+    assert lc.loss_latent(prob_l.detach()[:, [2, 0, 1]], y, C, norm="valid")[0].item() == \
+        pytest.approx(loss.item(), rel=1e-9)                                                               # (c)
     # (a) one-hot latent, each latent class holding one semantic class: 0; (b) all mass in one latent class: H(C)
     y2 = _labels(2, 5, 6, 3, seed=3)
     pure = F.one_hot(y2, 3).permute(0, 3, 1, 2).double()
