@@ -1819,23 +1819,29 @@ def _record_D_fakes(monkeypatch, cls):
     return sizes
 
 
+# 4 of 8 iterations (no final evaluation), batch 2, a narrow network: the loop's control flow is what is tested
+H1_FAST = ["--num-steps", "8", "--stop-at", "4", "--batch-size", "2", "--width", "8", "--log-every", "1",
+           "--save-every", "4"]
+
+
 def test_h1_hung_semi_start_adv_gates_the_whole_unlabeled_block(tmp_path, monkeypatch):
     sizes = _record_D_fakes(monkeypatch, FCDiscriminator)
     out = str(tmp_path / "r")
-    run_main(["--data", "synthetic", "--out", out] + TINY + ["--semi-start", "1", "--semi-start-adv", "3"])
+    run_main(["--data", "synthetic", "--out", out, "--semi-start", "1", "--semi-start-adv", "3"] + H1_FAST)
     log = read_log(out)
     for r in log[:3]:                                          # iterations 0-2: no unlabeled batch at all
         assert "loss_adv_u" not in r and "loss_semi" not in r, r
     assert "loss_adv_u" in log[3] and "loss_semi" in log[3]
-    assert sizes[0:8:2] == [4, 4, 4, 8]                        # D's fakes: labeled only until --semi-start-adv
+    assert sizes[0::2] == [2, 2, 2, 4]                         # D's fakes: labeled only until --semi-start-adv
 
 
 def test_h1_hung_table6_L_semi_without_L_adv_runs_the_unlabeled_batch_from_0(tmp_path, monkeypatch):
     sizes = _record_D_fakes(monkeypatch, FCDiscriminator)
     out = str(tmp_path / "r")
-    run_main(["--data", "synthetic", "--out", out, "--lambda-adv", "0", "--lambda-adv-unl", "0"] + TINY)
+    run_main(["--data", "synthetic", "--out", out, "--lambda-adv", "0", "--lambda-adv-unl", "0", "--semi-start", "2"]
+             + H1_FAST)
     log = read_log(out)
-    assert sizes[0:8:2] == [8, 8, 8, 8]                        # unlabeled predictions are D's fakes from iteration 0
+    assert sizes[0::2] == [4, 4, 4, 4]                        # unlabeled predictions are D's fakes from iteration 0
     assert [("loss_semi" in r) for r in log] == [False, False, True, True]   # L_semi from --semi-start 2
     assert all("loss_adv" not in r for r in log)
 
@@ -1843,18 +1849,20 @@ def test_h1_hung_table6_L_semi_without_L_adv_runs_the_unlabeled_batch_from_0(tmp
 def test_h1_lc_semi_start_adv_and_unlabeled_batch_before_cons_start(tmp_path, monkeypatch):
     sizes = _record_D_fakes(monkeypatch, lc.FCDiscriminator)
     out = str(tmp_path / "a")
-    lc.main(["--data", "synthetic", "--out", out] + LC_TINY + ["--cons-start", "1", "--semi-start-adv", "3"])
+    lc.main(["--data", "synthetic", "--out", out, "--cons-start", "1", "--semi-start-adv", "3", "--num-latent", "5"]
+            + H1_FAST)
     log = read_log(out)
     for r in log[:3]:
         assert "loss_adv_u" not in r and "loss_cons" not in r, r
     assert "loss_adv_u" in log[3] and "loss_cons" in log[3]
-    assert sizes[0:8:2] == [4, 4, 4, 8]
+    assert sizes[0::2] == [2, 2, 2, 4]
     # lambda_adv_u = 0: the unlabeled batch still passes through S from iteration 0 and joins D's fakes (Hung's code)
     sizes.clear()
     out = str(tmp_path / "b")
-    lc.main(["--data", "synthetic", "--out", out, "--lambda-adv-unl", "0"] + LC_TINY)
+    lc.main(["--data", "synthetic", "--out", out, "--lambda-adv-unl", "0", "--cons-start", "2", "--num-latent", "5"]
+            + H1_FAST)
     log = read_log(out)
-    assert sizes[0:8:2] == [8, 8, 8, 8]
+    assert sizes[0::2] == [4, 4, 4, 4]
     assert [("loss_cons" in r) for r in log] == [False, False, True, True] and all("loss_adv_u" not in r for r in log)
 
 
