@@ -30,10 +30,12 @@ Deviations and choices (paper / released code hfslyc/AdvSemiSeg / this script; `
     over the sub-steps (about 6x / 10x per iteration). Default once, quirk `--official-optimizer` (emulated exactly).
  7. Channel order for the Caffe COCO weights: they expect BGR, the code feeds RGB. Default BGR, quirk `--rgb-input`.
  8. D also trained on unlabeled predictions: paper no, code yes, first author confirmed yes (AdvSemiSeg #27).
-    Default yes, `--d-labeled-only` for the paper's sentence. Unlabeled L_adv starts at iteration 0 (#32). The paper
-    is silent on when the unlabeled batch runs; as in the code it runs at every iteration from `--semi-start-adv`
-    (L_semi inside it from `--semi-start`), also for Table 6's "L_semi without L_adv" (lambda_adv = lambda_adv_u = 0):
-    before `--semi-start` it then only passes through S, so BN's batch statistics and D's fakes include it.
+    Default yes, `--d-labeled-only` for the paper's sentence. Unlabeled L_adv starts at iteration 0 (#32), so the
+    paper's "we start the semi-supervised learning after training for 5000 iterations with labeled data" holds for
+    L_semi only. As in the code, the unlabeled batch runs at every iteration from `--semi-start-adv` (L_semi inside it
+    from `--semi-start`), also in Table 6's "L_semi without L_adv" (lambda_adv = lambda_adv_u = 0), where before
+    `--semi-start` it only passes through S: BN's batch statistics and D's fakes include it. `--semi-start-adv 5000`
+    holds the whole unlabeled batch back until then (that sentence read literally).
  9. BatchNorm: affine frozen, batch statistics during training (code; paper silent). `--freeze-bn-stats` for frozen BN.
 10. When no unlabeled pixel passes T_semi the whole unlabeled loss is dropped that iteration (code), done on the device
     by multiplying with (kept pixels > 0) so that no host sync is needed.
