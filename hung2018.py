@@ -162,7 +162,7 @@ def get_parser():
     a("--lambda-semi", type=float, help="lambda_semi (Sec. 5: 0.1)")
     a("--t-semi", type=float, help="T_semi, threshold on sigmoid(D) for L_semi (Sec. 5: 0.2)")
     a("--semi-start", type=int, help="first iteration with L_semi (Sec. 5: 5000)")
-    a("--semi-start-adv", type=int, help="first iteration with the unlabeled L_adv (released code, #32: 0)")
+    a("--semi-start-adv", type=int, help="first iteration with the unlabeled batch and its L_adv (code, #32: 0)")
     a("--d-labeled-only", action="store_true", help="D's fakes are labeled predictions only (paper text; deviation 8)")
     # run
     a("--eval-every", type=int, help="evaluate every N iterations (0: only at the end)")
