@@ -734,10 +734,11 @@ def train(args, run_dir, model, D, opt_S, opt_D, streams, val_loader, normalize,
 def save_checkpoint(run_dir, it, model, D, opt_S, opt_D, streams):
     """last.pt, written atomically: everything needed to continue exactly (the split is labeled.txt beside it). The
     global RNG state is kept for the ASPP dropout."""
+    device = next(model.parameters()).device              # the run's own GPU only: it may resume with fewer visible
     state = {"iteration": it, "model": model.state_dict(), "D": D.state_dict(), "opt_S": opt_S.state_dict(),
              "opt_D": opt_D.state_dict() if opt_D else {}, "streams": {k: s.state() for k, s in streams.items()},
              "rng": torch.get_rng_state(),
-             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0)}
     tmp = os.path.join(run_dir, "last.pt.tmp")
     torch.save(state, tmp)
     os.replace(tmp, os.path.join(run_dir, "last.pt"))
@@ -917,8 +918,9 @@ def run(argv=None):
         torch.set_flush_denormal(True)    # denormal floats make CPU convolutions many times slower
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = not args.no_amp     # --no-amp: true float32, no TF32 matmuls either
+        torch.backends.cudnn.allow_tf32 = not args.no_amp
+        torch.cuda.set_device(device.index or 0)        # --device cuda:N: the CUDA context and pinned memory on GPU N
 
     # data and split: every check that can fail on bad input runs before the run folder is made
     source = common.make_source(args.data, args.data_root, args.download, **SYNTHETIC_SIZE)
@@ -949,15 +951,21 @@ def run(argv=None):
                                                 resume_state and resume_state["streams"])
     if resume_state is not None:
         torch.set_rng_state(resume_state["rng"])            # after the loaders, which draw from it when opened
-        if device.type == "cuda" and resume_state.get("cuda_rng"):
-            torch.cuda.set_rng_state_all(resume_state["cuda_rng"])   # the ASPP dropout on the GPU
+        cuda_rng = resume_state.get("cuda_rng", torch.zeros(0))
+        if isinstance(cuda_rng, list):                    # older last.pt: every visible GPU's state; this GPU's
+            cuda_rng = cuda_rng[device.index or 0] if (device.index or 0) < len(cuda_rng) else torch.zeros(0)
+        if device.type == "cuda" and cuda_rng.numel():
+            torch.cuda.set_rng_state(cuda_rng, device)     # the ASPP dropout on the GPU
 
     if args.resume is None:
         run_dir = args.out or os.path.join("runs", f"dual_disc_{args.data}_{os.path.basename(args.split) if args.split else args.labeled}"
                                                    f"_seed{args.seed}_{datetime.datetime.now():%Y%m%d-%H%M%S}")
         if os.path.exists(os.path.join(run_dir, "last.pt")):
             raise DataError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
-        os.makedirs(run_dir, exist_ok=True)
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as e:                               # e.g. --out names an existing file
+            raise DataError(f"--out {run_dir}: cannot make the run folder there ({e.strerror})") from None
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
         common.write_list(os.path.join(run_dir, "labeled.txt"), labeled)

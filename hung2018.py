@@ -26,10 +26,16 @@ Deviations and choices (paper / released code hfslyc/AdvSemiSeg / this script; `
  5. ASPP: DeepLab-v2 sums four branches; the code returns inside the loop (rates 6+12 only). Default 4, quirk
     `--aspp-branches 2`. All four convs exist either way, so checkpoints are interchangeable.
  6. Backbone parameters: the code lists each backbone weight 3 (downsample: 4) times in SGD, so it takes 3-4 momentum
-    sub-steps per iteration. Default once, quirk `--official-optimizer` (emulated explicitly, modern weight decay).
+    sub-steps per iteration, and PyTorch 0.3's SGD added the weight decay into p.grad in place, so the decay grows
+    over the sub-steps (about 6x / 10x per iteration). Default once, quirk `--official-optimizer` (emulated exactly).
  7. Channel order for the Caffe COCO weights: they expect BGR, the code feeds RGB. Default BGR, quirk `--rgb-input`.
  8. D also trained on unlabeled predictions: paper no, code yes, first author confirmed yes (AdvSemiSeg #27).
-    Default yes, `--d-labeled-only` for the paper's sentence. Unlabeled L_adv starts at iteration 0 (#32).
+    Default yes, `--d-labeled-only` for the paper's sentence. Unlabeled L_adv starts at iteration 0 (#32), so the
+    paper's "we start the semi-supervised learning after training for 5000 iterations with labeled data" holds for
+    L_semi only. As in the code, the unlabeled batch runs at every iteration from `--semi-start-adv` (L_semi inside it
+    from `--semi-start`), also in Table 6's "L_semi without L_adv" (lambda_adv = lambda_adv_u = 0), where before
+    `--semi-start` it only passes through S: BN's batch statistics and D's fakes include it. `--semi-start-adv 5000`
+    holds the whole unlabeled batch back until then (that sentence read literally).
  9. BatchNorm: affine frozen, batch statistics during training (code; paper silent). `--freeze-bn-stats` for frozen BN.
 10. When no unlabeled pixel passes T_semi the whole unlabeled loss is dropped that iteration (code), done on the device
     by multiplying with (kept pixels > 0) so that no host sync is needed.
@@ -43,6 +49,8 @@ Deviations and choices (paper / released code hfslyc/AdvSemiSeg / this script; `
 16. The `synthetic` preset is not the paper's setting: ResNet-18 at width 32 from scratch, ASPP rates 1-4, Adam
     (lr 5e-4, no 10x head), D at width 16, 1,500 steps with L_semi from step 375 (the paper's 1/4), so that the
     method runs on a laptop CPU in about 5 minutes (see PRESETS).
+17. Precision: the released code ran float32; default bf16 autocast on CUDA (float32 losses), quirk `--no-amp`, which
+    also turns TF32 off (`--amp` keeps bf16 under `--official-quirks`). Each quirk flag has a `--no-` form.
 """
 import argparse
 import datetime
@@ -73,7 +81,7 @@ PAPER = dict(
     weight_decay=1e-4, nesterov=True, ndf=64,                                   # Table 9; D: card 4.3
     lambda_adv=0.01, lambda_adv_unl=0.001, lambda_semi=0.1, t_semi=0.2,         # Sec. 5
     semi_start=5000, semi_start_adv=0,                                          # Sec. 5; AdvSemiSeg #32
-    aspp_branches=4, official_optimizer=False, rgb_input=False,                 # deviations 5-7
+    aspp_branches=4, official_optimizer=False, rgb_input=False, no_amp=False,   # deviations 5-7, 17
     eval_pad=(505, 505), eval_batch_size=4, save_every=1000, eval_every=0, log_every=20)
 PRESETS = {
     "voc": {},
@@ -92,7 +100,7 @@ PRESETS = {
 }
 # Behaviour of the released code that differs from the defaults (methods/README rule 2); see the docstring.
 OFFICIAL_QUIRKS = dict(weight_decay=5e-4, nesterov=False, random_scale=False, aspp_branches=2,
-                       official_optimizer=True, rgb_input=True)
+                       official_optimizer=True, rgb_input=True, no_amp=True)
 SYNTHETIC_SIZE = dict(size=80, num_train=1000, num_val=200)
 
 
@@ -115,7 +123,7 @@ def get_parser():
     a("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (its own arguments are used)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--workers", type=int, help="data loader processes (default: 0 on CPU, min(8, cores) on CUDA)")
-    a("--no-amp", action="store_true", help="float32 on CUDA instead of bf16 autocast")
+    a("--no-amp", action="store_true", default=None, help="float32 on CUDA (TF32 off too) instead of bf16 autocast")
     # network and initialisation
     a("--backbone", choices=sorted(BACKBONES), help="paper: resnet101 (smaller ones for quick runs)")
     a("--width", type=int, help="channels of the stem (64 in every torchvision ResNet; synthetic preset: 32)")
@@ -141,16 +149,20 @@ def get_parser():
     a("--momentum", type=float, help="SGD momentum (Sec. 5: 0.9)")
     a("--weight-decay", type=float, help="SGD weight decay (Sec. 5 and Table 9: 1e-4; released code 5e-4)")
     a("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum (Table 9: yes)")
-    a("--official-optimizer", action="store_true", default=None, help="quirk: 3-4 SGD sub-steps per backbone weight")
-    a("--rgb-input", action="store_true", default=None, help="quirk: feed RGB (not BGR) to the Caffe COCO weights")
-    a("--official-quirks", action="store_true", help="turn on every released-code quirk (docstring deviations 2-7)")
+    a("--official-optimizer", action=argparse.BooleanOptionalAction, default=None,
+      help="quirk: 3-4 SGD sub-steps per backbone weight, with PyTorch 0.4's accumulated weight decay")
+    a("--rgb-input", action=argparse.BooleanOptionalAction, default=None,
+      help="quirk: feed RGB (not BGR) to the Caffe COCO weights")
+    a("--official-quirks", action="store_true", help="turn on every released-code quirk (docstring deviations 2-7, 17)")
+    a("--amp", dest="no_amp", action="store_false", default=None,
+      help="keep bf16 autocast under --official-quirks, which implies --no-amp (deviation 17)")
     # method (Sec. 4-5)
     a("--lambda-adv", type=float, help="lambda_adv for labeled images (Sec. 5: 0.01)")
     a("--lambda-adv-unl", type=float, help="lambda_adv for unlabeled images (Sec. 5: 0.001)")
     a("--lambda-semi", type=float, help="lambda_semi (Sec. 5: 0.1)")
     a("--t-semi", type=float, help="T_semi, threshold on sigmoid(D) for L_semi (Sec. 5: 0.2)")
     a("--semi-start", type=int, help="first iteration with L_semi (Sec. 5: 5000)")
-    a("--semi-start-adv", type=int, help="first iteration with the unlabeled L_adv (released code, #32: 0)")
+    a("--semi-start-adv", type=int, help="first iteration with the unlabeled batch and its L_adv (code, #32: 0)")
     a("--d-labeled-only", action="store_true", help="D's fakes are labeled predictions only (paper text; deviation 8)")
     # run
     a("--eval-every", type=int, help="evaluate every N iterations (0: only at the end)")
@@ -387,23 +399,39 @@ def loss_seg(loss_ce, loss_adv, loss_adv_u, loss_semi, lambda_adv, lambda_adv_u,
 # Optimisation (Sec. 5): SGD for S with 10x learning rate on the ASPP, Adam for D, both with poly decay
 # ================================================================================================================
 class OfficialSGD(torch.optim.Optimizer):
-    """Released-code quirk (deviation 6, card 5.1.5): each parameter listed k times in SGD takes k momentum sub-steps
-    with the same gradient and a shared momentum buffer. Written out here because passing duplicates to torch.optim
-    is undefined. Modern weight decay semantics (decay recomputed each sub-step), no Nesterov."""
+    """Released-code quirk (deviation 6, card 5.1.5): the code lists each backbone weight k times in one SGD group
+    (stem conv 1, bottleneck convs 3, downsample convs 4), and the PyTorch <= 0.4 SGD it ran on stepped once per
+    listing with the same gradient and one shared momentum buffer. Each listing did, in place,
+        d_p = p.grad; d_p += wd * p  (into p.grad itself, so the decay accumulates over the k sub-steps)
+        buf = momentum * buf + d_p;  p -= lr * (d_p + momentum * buf if nesterov else buf)
+    Written out here because passing duplicates to torch.optim is undefined. Vectorised: the tensors of one group
+    with the same k form one bucket, stepped with torch._foreach_* ops (a few dozen ops per step, not thousands)."""
 
-    def __init__(self, param_groups, momentum, weight_decay):
-        super().__init__(param_groups, dict(lr=0.0, momentum=momentum, weight_decay=weight_decay, k=None))
+    def __init__(self, param_groups, momentum, weight_decay, nesterov=False):
+        super().__init__(param_groups, dict(lr=0.0, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                                            k=None))
+
+    def _buffer(self, p):
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        return state["momentum_buffer"]
 
     @torch.no_grad()
     def step(self):
         for g in self.param_groups:
-            for p, k in zip(g["params"], g["k"]):
-                if p.grad is None:
+            for k in sorted(set(g["k"])):
+                params = [p for p, n in zip(g["params"], g["k"]) if n == k and p.grad is not None]
+                if not params:
                     continue
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                for _ in range(k):
-                    buf.mul_(g["momentum"]).add_(p.grad + g["weight_decay"] * p)
-                    p.sub_(g["lr"] * buf)
+                grads, bufs = [p.grad for p in params], [self._buffer(p) for p in params]
+                for _ in range(k):                                   # one sub-step per listing
+                    if g["weight_decay"]:
+                        torch._foreach_add_(grads, params, alpha=g["weight_decay"])   # into p.grad: accumulates
+                    torch._foreach_mul_(bufs, g["momentum"])
+                    torch._foreach_add_(bufs, grads)
+                    update = torch._foreach_add(grads, bufs, alpha=g["momentum"]) if g.get("nesterov") else bufs
+                    torch._foreach_add_(params, update, alpha=-g["lr"])
 
 
 def make_optimizers(model, D, args):
@@ -412,7 +440,7 @@ def make_optimizers(model, D, args):
     if args.official_optimizer:   # stem conv 1x, bottleneck convs 3x, downsample convs 4x
         k = [1 if n.startswith("conv1.") else 4 if ".downsample." in n else 3 for n, _ in backbone]
         opt_S = OfficialSGD([dict(params=[p for _, p in backbone], k=k), dict(params=head, k=[1] * len(head))],
-                            args.momentum, args.weight_decay)
+                            args.momentum, args.weight_decay, args.nesterov)
     elif args.optimizer == "adam":     # synthetic preset only (deviation 16): from scratch, SGD learns far slower
         opt_S = torch.optim.Adam([dict(params=[p for _, p in backbone]), dict(params=head)], lr=args.lr,
                                  weight_decay=args.weight_decay)
@@ -575,26 +603,30 @@ def train(args, run_dir, model, D, opt_S, opt_D, streams, val_loader, normalize,
         opt_D.zero_grad(set_to_none=True)
         D.requires_grad_(False)               # L_seg must not update D (card 3, Eq. (2))
 
-        # (1) segmentation network on an unlabeled batch: lambda_adv_u * L_adv_u (+ lambda_semi * L_semi)
+        # (1) segmentation network on an unlabeled batch: lambda_adv_u * L_adv_u (+ lambda_semi * L_semi). As in the
+        # released train.py the whole block waits for --semi-start-adv and then runs at every iteration, also before
+        # --semi-start with lambda_adv_u = 0 (Table 6 "L_semi without L_adv"): the batch then only passes through S,
+        # for BN's batch statistics and D's fakes (deviation 8).
         pred_u = None
-        semi_on = args.lambda_semi > 0 and i >= args.semi_start
-        adv_u_on = args.lambda_adv_unl > 0 and i >= args.semi_start_adv
-        if has_unl and (semi_on or adv_u_on):
+        if has_unl and i >= args.semi_start_adv:
+            semi_on = args.lambda_semi > 0 and i >= args.semi_start
+            loss_u_on = semi_on or args.lambda_adv_unl > 0
             x_u = to_dev(next(streams["unlabeled"])[0], image=True)   # its labels are never read
-            with torch.autocast(**amp):
+            with torch.autocast(**amp), torch.set_grad_enabled(loss_u_on):
                 pred_u = up(model(x_u).float(), x_u.shape[-2:])       # (N, C, H, W) logits
-                z_u = up(D(F.softmax(pred_u, 1)).float(), x_u.shape[-2:])   # (N, 1, H, W)
-            l_adv_u = loss_adv(z_u)
-            if semi_on:
-                l_semi, kept = loss_semi(pred_u, z_u, args.t_semi)
-                # card 3, Eq. (5): with no confident pixel the whole unlabeled loss is dropped (deviation 10)
-                any_kept = kept.any().float()
-                loss_u = any_kept * loss_seg(0, 0, l_adv_u, l_semi, 0, args.lambda_adv_unl, args.lambda_semi)
-                acc("loss_semi", l_semi), acc("semi_kept", kept.float().mean())
-            else:
-                loss_u = loss_seg(0, 0, l_adv_u, 0, 0, args.lambda_adv_unl, 0)
-            acc("loss_adv_u", l_adv_u)
-            loss_u.backward()
+                z_u = up(D(F.softmax(pred_u, 1)).float(), x_u.shape[-2:]) if loss_u_on else None   # (N, 1, H, W)
+            if loss_u_on:
+                l_adv_u = loss_adv(z_u)
+                if semi_on:
+                    l_semi, kept = loss_semi(pred_u, z_u, args.t_semi)
+                    # card 3, Eq. (5): with no confident pixel the whole unlabeled loss is dropped (deviation 10)
+                    any_kept = kept.any().float()
+                    loss_u = any_kept * loss_seg(0, 0, l_adv_u, l_semi, 0, args.lambda_adv_unl, args.lambda_semi)
+                    acc("loss_semi", l_semi), acc("semi_kept", kept.float().mean())
+                else:
+                    loss_u = loss_seg(0, 0, l_adv_u, 0, 0, args.lambda_adv_unl, 0)
+                acc("loss_adv_u", l_adv_u)
+                loss_u.backward()
             images += x_u.shape[0]
 
         # (2) segmentation network on a labeled batch: L_ce + lambda_adv * L_adv
@@ -732,8 +764,9 @@ def run(argv=None):
         torch.set_flush_denormal(True)    # denormal floats make CPU convolutions many times slower
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = not args.no_amp     # --no-amp: true float32, no TF32 matmuls either
+        torch.backends.cudnn.allow_tf32 = not args.no_amp
+        torch.cuda.set_device(device.index or 0)        # --device cuda:N: the CUDA context and pinned memory on GPU N
 
     # data and split: every check that can fail on bad input runs before the run folder is made
     source = common.make_source(args.data, args.data_root, args.download, **SYNTHETIC_SIZE)
@@ -768,7 +801,10 @@ def run(argv=None):
                                                    f"_seed{args.seed}_{datetime.datetime.now():%Y%m%d-%H%M%S}")
         if os.path.exists(os.path.join(run_dir, "last.pt")):
             raise DataError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
-        os.makedirs(run_dir, exist_ok=True)
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as e:                               # e.g. --out names an existing file
+            raise DataError(f"--out {run_dir}: cannot make the run folder there ({e.strerror})") from None
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
         common.write_list(os.path.join(run_dir, "labeled.txt"), labeled)

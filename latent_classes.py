@@ -28,8 +28,8 @@ Deviations and choices (paper / Hung's released code, which this paper kept / th
  2. Consistency gradient (card sec. 4): the paper says once that it reaches "only the latent branch", which
     contradicts its abstract, introduction and Figs. 2-3. Default: S_l is the (detached) soft label and the gradient
     reaches the semantic head and the backbone. `--cons-grad latent` is the literal sentence, `both` detaches nothing.
- 3. P_b(c, l) is divided by the number of valid pixels (paper: N*H*W, void included; a per-batch scale factor).
-    `--latent-norm all` for the paper's normaliser.
+ 3. P_b(c, l) is divided by N*H*W, void pixels included, as Eq. (2) writes it (default). `--latent-norm valid`
+    divides by the valid pixels (card's recommendation: then P_b sums to 1); a per-batch factor on L_latent.
  4. alpha = batch size / number of *labeled* images (paper: "images in the data set"); `--alpha-denominator all`.
  5. log(0): 1e-8 inside every log and denominator, so classes absent from a batch give no NaN; classes never seen
     have a uniform row P(l | c) = 1/L; M is float64, updated from iteration 0 and saved in last.pt.
@@ -37,13 +37,17 @@ Deviations and choices (paper / Hung's released code, which this paper kept / th
  7. Latent head `layer6`: a second ASPP like `layer5`, fresh N(0, 0.01) init, 10x learning rate like `layer5`;
     never loaded from a checkpoint. Only `layer5` is used at test time.
  8. Unlabeled L_adv from iteration 0 (Hung's code); only L_cons waits 5000 iterations. Hung's L_semi is not used.
+    As in Hung's code the unlabeled batch runs through S at every iteration from `--semi-start-adv` (Hung's flag),
+    also when lambda_adv_u = 0 and L_cons has not started ("+ latent classes"): BN statistics and D's fakes see it.
  9. D's fakes: labeled and unlabeled semantic predictions (paper: "labeled and unlabeled data"), the real maps a
     separate stream of labeled ground truth, each half weighted 1/2 (Hung's code).
 10. Shared with hung2018.py, same defaults and flags (methods/README rule 3); the quirks of Hung's released code,
     which this paper's authors very likely inherited, are flags that `--official-quirks` turns on together: weight
     decay 5e-4 (default 1e-4), no Nesterov, the 2-branch ASPP bug in both heads (`--aspp-branches 2`), 3-4 SGD
-    sub-steps per backbone weight (`--official-optimizer`), RGB fed to the Caffe COCO weights (`--rgb-input`).
-    BN: affine frozen, batch statistics (Hung's code; `--freeze-bn-stats` for frozen statistics, not a quirk).
+    sub-steps per backbone weight with PyTorch 0.4's in-place weight decay, which accumulates over them
+    (`--official-optimizer`), RGB fed to the Caffe COCO weights (`--rgb-input`), float32 (`--no-amp`; TF32 off too,
+    `--amp` keeps bf16 under the quirks). Each quirk flag has a `--no-` form. BN: affine frozen, batch statistics
+    (Hung's code; `--freeze-bn-stats` for frozen statistics, not a quirk).
 11. Random scaling and mirroring on (this paper, Sec. 4.1; hung2018.py follows Hung: no mirroring, and its
     `--official-quirks` also drops scaling, which Hung's released command did; this paper states it, so not here).
 12. Cityscapes: images and labels resized to 512x1024, then random scale, 505x505 crops and mirroring; evaluation at
@@ -83,9 +87,9 @@ PAPER = dict(
     optimizer="sgd", lr=2.5e-4, head_lr_mult=10, lr_d=1e-4, power=0.9, momentum=0.9,   # Sec. 4.1, card 6.1
     weight_decay=1e-4, nesterov=True, ndf=64,                                   # deviation 10; D: card 5.4
     num_latent=20, lambda_latent=1.0, lambda_cons=0.1,                          # Sec. 4.1
-    lambda_adv=0.01, lambda_adv_unl=0.001, cons_start=5000, adv_start_unl=0,    # Sec. 4.1; deviation 8
-    latent_norm="valid", alpha_denominator="labeled", cons_grad="semantic",     # deviations 2-4
-    aspp_branches=4, official_optimizer=False, rgb_input=False,                 # deviation 10
+    lambda_adv=0.01, lambda_adv_unl=0.001, cons_start=5000, semi_start_adv=0,   # Sec. 4.1; deviation 8
+    latent_norm="all", alpha_denominator="labeled", cons_grad="semantic",       # Eq. (2); deviations 2, 4
+    aspp_branches=4, official_optimizer=False, rgb_input=False, no_amp=False,   # deviation 10
     eval_pad=(505, 505), eval_batch_size=4, save_every=1000, eval_every=0, log_every=20)
 PRESETS = {
     "voc": {},
@@ -100,7 +104,8 @@ PRESETS = {
                       save_every=400, log_every=100),
 }
 # Behaviour of Hung's released code that differs from the defaults (methods/README rule 2); see deviation 10.
-OFFICIAL_QUIRKS = dict(weight_decay=5e-4, nesterov=False, aspp_branches=2, official_optimizer=True, rgb_input=True)
+OFFICIAL_QUIRKS = dict(weight_decay=5e-4, nesterov=False, aspp_branches=2, official_optimizer=True, rgb_input=True,
+                       no_amp=True)
 SYNTHETIC_SIZE = dict(size=80, num_train=1000, num_val=200)
 
 
@@ -123,7 +128,7 @@ def get_parser():
     a("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (its own arguments are used)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--workers", type=int, help="data loader processes (default: 0 on CPU, min(8, cores) on CUDA)")
-    a("--no-amp", action="store_true", help="float32 on CUDA instead of bf16 autocast")
+    a("--no-amp", action="store_true", default=None, help="float32 on CUDA (TF32 off too) instead of bf16 autocast")
     # network and initialisation
     a("--backbone", choices=sorted(BACKBONES), help="paper: resnet101 (smaller ones for quick runs)")
     a("--width", type=int, help="channels of the stem (64 in every torchvision ResNet; synthetic preset: 32)")
@@ -148,9 +153,13 @@ def get_parser():
     a("--momentum", type=float, help="SGD momentum (0.9)")
     a("--weight-decay", type=float, help="SGD weight decay (1e-4; Hung's released code 5e-4)")
     a("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum (Hung Table 9)")
-    a("--official-optimizer", action="store_true", default=None, help="quirk: 3-4 SGD sub-steps per backbone weight")
-    a("--rgb-input", action="store_true", default=None, help="quirk: feed RGB (not BGR) to the Caffe COCO weights")
+    a("--official-optimizer", action=argparse.BooleanOptionalAction, default=None,
+      help="quirk: 3-4 SGD sub-steps per backbone weight, with PyTorch 0.4's accumulated weight decay")
+    a("--rgb-input", action=argparse.BooleanOptionalAction, default=None,
+      help="quirk: feed RGB (not BGR) to the Caffe COCO weights")
     a("--official-quirks", action="store_true", help="turn on every quirk of Hung's released code (deviation 10)")
+    a("--amp", dest="no_amp", action="store_false", default=None,
+      help="keep bf16 autocast under --official-quirks, which implies --no-amp (deviation 10)")
     # method (Sec. 3-4)
     a("--num-latent", type=int, help="number of latent classes L (Sec. 4.1: 20; Table 4: 2-50)")
     a("--lambda-latent", type=float, help="lambda_latent, weight of L_latent, Eq. (6) (Sec. 4.1: 1.0)")
@@ -158,9 +167,9 @@ def get_parser():
     a("--lambda-adv", type=float, help="lambda_adv for labeled images, Eq. (6) (Sec. 4.1: 0.01)")
     a("--lambda-adv-unl", type=float, help="lambda_adv for unlabeled images, Eq. (11) (Sec. 4.1: 0.001)")
     a("--cons-start", type=int, help="first iteration with L_cons (Sec. 4.1: 5000)")
-    a("--adv-start-unl", type=int, help="first iteration with the unlabeled L_adv (Hung's code: 0)")
+    a("--semi-start-adv", type=int, help="first iteration with the unlabeled batch and its L_adv (Hung's code: 0)")
     a("--cons-grad", choices=["semantic", "latent", "both"], help="which head L_cons trains (deviation 2)")
-    a("--latent-norm", choices=["valid", "all"], help="P_b(c, l) divided by valid pixels or N*H*W (deviation 3)")
+    a("--latent-norm", choices=["all", "valid"], help="P_b(c, l) divided by N*H*W (Eq. (2)) or valid pixels (dev. 3)")
     a("--alpha-denominator", choices=["labeled", "all"], help="alpha = N / labeled or all images (deviation 4)")
     # run
     a("--eval-every", type=int, help="evaluate every N iterations (0: only at the end)")
@@ -385,12 +394,14 @@ def cooccurrence(prob_l, label, num_classes):
 
 # Eqs. (1)-(3): L_latent = H(C | L) = -sum_{l,c} P_b(c, l) log P_b(c | l) on a labeled batch. Computed as
 # H(C, L) - H(L) with 1e-8 inside the logs: a class absent from the batch has an all-zero row, where x log x would
-# otherwise give NaN gradients (card 3, deviation 5). Scale-invariant in P_b, so `norm` only scales the loss.
-def loss_latent(prob_l, label, num_classes, norm="valid"):
+# otherwise give NaN gradients (card 3, deviation 5). Eq. (2) divides by N*H*W, void pixels included; `norm="valid"`
+# divides by the valid pixels instead (deviation 3). H(C | L) is scale-invariant in P_b inside the log, so the two
+# differ by the factor (valid pixels) / (N*H*W) on the loss.
+def loss_latent(prob_l, label, num_classes, norm="all"):
     """Returns (L_latent, the co-occurrence sums of Eq. (8), detached: computed once for both)."""
     cooc = cooccurrence(prob_l, label, num_classes)                        # (C, L)
     count = (label != IGNORE).sum().clamp(min=1) if norm == "valid" else label.numel()   # deviation 3
-    J = cooc / count                                                       # P_b(c, l)
+    J = cooc / count                                                       # P_b(c, l), Eq. (2)
     J_l = J.sum(0)                                                         # P_b(l), (L,)
     return -(J * torch.log(J + EPS)).sum() + (J_l * torch.log(J_l + EPS)).sum(), cooc.detach()
 
@@ -441,23 +452,39 @@ def effective_latent(M, t):
 # Optimisation (Sec. 4.1, Hung's): SGD for S with 10x learning rate on both heads, Adam for D, both poly decay
 # ================================================================================================================
 class OfficialSGD(torch.optim.Optimizer):
-    """Quirk of Hung's released code (deviation 10, card 6.1.3): each parameter listed k times in SGD takes k
-    momentum sub-steps with the same gradient and a shared momentum buffer. Written out here because passing
-    duplicates to torch.optim is undefined. Modern weight decay semantics (decay recomputed each sub-step)."""
+    """Quirk of Hung's released code (deviation 10, card 6.1.3): the code lists each backbone weight k times in one
+    SGD group (stem conv 1, bottleneck convs 3, downsample convs 4), and the PyTorch <= 0.4 SGD it ran on stepped
+    once per listing with the same gradient and one shared momentum buffer. Each listing did, in place,
+        d_p = p.grad; d_p += wd * p  (into p.grad itself, so the decay accumulates over the k sub-steps)
+        buf = momentum * buf + d_p;  p -= lr * (d_p + momentum * buf if nesterov else buf)
+    Written out here because passing duplicates to torch.optim is undefined. Vectorised: the tensors of one group
+    with the same k form one bucket, stepped with torch._foreach_* ops (a few dozen ops per step, not thousands)."""
 
-    def __init__(self, param_groups, momentum, weight_decay):
-        super().__init__(param_groups, dict(lr=0.0, momentum=momentum, weight_decay=weight_decay, k=None))
+    def __init__(self, param_groups, momentum, weight_decay, nesterov=False):
+        super().__init__(param_groups, dict(lr=0.0, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                                            k=None))
+
+    def _buffer(self, p):
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        return state["momentum_buffer"]
 
     @torch.no_grad()
     def step(self):
         for g in self.param_groups:
-            for p, k in zip(g["params"], g["k"]):
-                if p.grad is None:
+            for k in sorted(set(g["k"])):
+                params = [p for p, n in zip(g["params"], g["k"]) if n == k and p.grad is not None]
+                if not params:
                     continue
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                for _ in range(k):
-                    buf.mul_(g["momentum"]).add_(p.grad + g["weight_decay"] * p)
-                    p.sub_(g["lr"] * buf)
+                grads, bufs = [p.grad for p in params], [self._buffer(p) for p in params]
+                for _ in range(k):                                   # one sub-step per listing
+                    if g["weight_decay"]:
+                        torch._foreach_add_(grads, params, alpha=g["weight_decay"])   # into p.grad: accumulates
+                    torch._foreach_mul_(bufs, g["momentum"])
+                    torch._foreach_add_(bufs, grads)
+                    update = torch._foreach_add(grads, bufs, alpha=g["momentum"]) if g.get("nesterov") else bufs
+                    torch._foreach_add_(params, update, alpha=-g["lr"])
 
 
 def make_optimizers(model, D, args):
@@ -466,7 +493,7 @@ def make_optimizers(model, D, args):
     if args.official_optimizer:   # stem conv 1x, bottleneck convs 3x, downsample convs 4x
         k = [1 if n.startswith("conv1.") else 4 if ".downsample." in n else 3 for n, _ in backbone]
         opt_S = OfficialSGD([dict(params=[p for _, p in backbone], k=k), dict(params=head, k=[1] * len(head))],
-                            args.momentum, args.weight_decay)
+                            args.momentum, args.weight_decay, args.nesterov)
     elif args.optimizer == "adam":     # synthetic preset only (deviation 13): from scratch, SGD learns far slower
         opt_S = torch.optim.Adam([dict(params=[p for _, p in backbone]), dict(params=head)], lr=args.lr,
                                  weight_decay=args.weight_decay)
@@ -635,12 +662,15 @@ def train(args, run_dir, model, D, M, alpha, opt_S, opt_D, streams, val_loader, 
         D.requires_grad_(False)               # L_labeled and L_unlabeled must not update D (card 3, Eq. (5))
 
         # (1) segmentation network on an unlabeled batch: lambda_adv_u * L_adv_u + lambda_cons * L_cons, Eq. (11)
+        # As in Hung's released code the whole block waits for --semi-start-adv and then runs at every iteration, also
+        # before --cons-start with lambda_adv_u = 0: the batch then only passes through S, for BN's batch statistics
+        # and D's fakes (deviation 8).
         pred_u = None
-        cons_on = args.lambda_cons > 0 and i >= args.cons_start
-        adv_u_on = args.lambda_adv_unl > 0 and i >= args.adv_start_unl
-        if has_unl and (cons_on or adv_u_on):
+        if has_unl and i >= args.semi_start_adv:
+            cons_on = args.lambda_cons > 0 and i >= args.cons_start
+            adv_u_on = args.lambda_adv_unl > 0
             x_u = to_dev(next(streams["unlabeled"])[0], image=True)   # its labels are never read
-            with torch.autocast(**amp):
+            with torch.autocast(**amp), torch.set_grad_enabled(cons_on or adv_u_on):
                 pred_u, lat_u = model(x_u, latent=cons_on)
                 pred_u = up(pred_u.float(), x_u.shape[-2:])           # (N, C, H, W) semantic logits
                 z_u = up(D(F.softmax(pred_u, 1)).float(), x_u.shape[-2:]) if adv_u_on else None   # (N, 1, H, W)
@@ -651,7 +681,8 @@ def train(args, run_dir, model, D, M, alpha, opt_S, opt_D, streams, val_loader, 
                 acc("loss_cons", l_cons)
             else:
                 l_cons = 0
-            loss_unlabeled(l_adv_u, l_cons, args.lambda_adv_unl if adv_u_on else 0, args.lambda_cons).backward()
+            if cons_on or adv_u_on:
+                loss_unlabeled(l_adv_u, l_cons, args.lambda_adv_unl, args.lambda_cons).backward()
             if adv_u_on:
                 acc("loss_adv_u", l_adv_u)
             images += x_u.shape[0]
@@ -821,8 +852,9 @@ def run(argv=None):
         torch.set_flush_denormal(True)    # denormal floats make CPU convolutions many times slower
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = not args.no_amp     # --no-amp: true float32, no TF32 matmuls either
+        torch.backends.cudnn.allow_tf32 = not args.no_amp
+        torch.cuda.set_device(device.index or 0)        # --device cuda:N: the CUDA context and pinned memory on GPU N
 
     # data and split: every check that can fail on bad input runs before the run folder is made
     source = common.make_source(args.data, args.data_root, args.download, **SYNTHETIC_SIZE)
@@ -869,7 +901,10 @@ def run(argv=None):
                                                    f"{datetime.datetime.now():%Y%m%d-%H%M%S}")
         if os.path.exists(os.path.join(run_dir, "last.pt")):
             raise DataError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
-        os.makedirs(run_dir, exist_ok=True)
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as e:                               # e.g. --out names an existing file
+            raise DataError(f"--out {run_dir}: cannot make the run folder there ({e.strerror})") from None
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
         common.write_list(os.path.join(run_dir, "labeled.txt"), labeled)

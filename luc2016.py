@@ -141,7 +141,7 @@ def get_parser():
     a("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (its own arguments are used)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--workers", type=int, help="data loader processes (default: 0 on CPU, min(8, cores) on CUDA)")
-    a("--no-amp", action="store_true", help="float32 on CUDA instead of bf16 autocast")
+    a("--no-amp", action="store_true", help="float32 on CUDA (TF32 off too) instead of bf16 autocast")
     # networks (Sec. 3.2, supp. Table 1)
     a("--segmenter", choices=["dilated8", "farabet"], help="dilated8 (VOC) or farabet (Stanford Background)")
     a("--init", choices=["dilated8", "vgg16", "none"],
@@ -707,7 +707,7 @@ def train(args, run_dir, model, A, opt_S, opt_A, stream, select_loader, start, c
             save_atomic({"iteration": it, "model": model.state_dict(), "A": A.state_dict(),
                          "opt_S": opt_S.state_dict(), "opt_A": opt_A.state_dict(), "stream": stream.state(),
                          "best": best, "rng": torch.get_rng_state(),      # dropout masks continue exactly
-                         "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else torch.zeros(0)},
+                         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0)},
                         os.path.join(run_dir, "last.pt"))
     return stop, G
 
@@ -823,8 +823,9 @@ def run(argv=None):
         torch.set_flush_denormal(True)    # denormal floats make CPU convolutions many times slower
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = not args.no_amp     # --no-amp: true float32, no TF32 matmuls either
+        torch.backends.cudnn.allow_tf32 = not args.no_amp
+        torch.cuda.set_device(device.index or 0)        # --device cuda:N: the CUDA context and pinned memory on GPU N
 
     # data and split: every check that can fail on bad input runs before the run folder is made
     source = common.make_source(args.data, args.data_root, args.download, **SYNTHETIC_SIZE)
@@ -863,7 +864,10 @@ def run(argv=None):
                                                    f"_seed{args.seed}_{datetime.datetime.now():%Y%m%d-%H%M%S}")
         if os.path.exists(os.path.join(run_dir, "last.pt")):
             raise DataError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
-        os.makedirs(run_dir, exist_ok=True)
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as e:                               # e.g. --out names an existing file
+            raise DataError(f"--out {run_dir}: cannot make the run folder there ({e.strerror})") from None
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
         common.write_list(os.path.join(run_dir, "labeled.txt"), labeled)

@@ -26,7 +26,8 @@ Deviations and choices (paper / released code sud0301/semisup-semseg / this scri
  2. ASPP: DeepLab-v2 sums four branches; the code returns inside the loop (rates 6+12). Default 4, `--aspp-branches 2`.
     Its weights N(0, 0.01), its biases PyTorch's default initialisation (code; paper silent).
  3. Backbone parameters listed 3-4 times in SGD by the code. Default once, quirk `--official-optimizer` (3-4 momentum
-    sub-steps, with today's weight decay rather than PyTorch 0.4's in-place accumulation).
+    sub-steps, with PyTorch 0.4's weight decay added into p.grad in place, so it accumulates over them). The code ran
+    float32: quirk `--no-amp` (TF32 off too; `--amp` keeps bf16 under the quirks). Quirk flags have a `--no-` form.
  4. The 10x learning rate of the ASPP head is the code's (paper silent): kept.
  5. Input: torchvision ImageNet weights get ImageNet-normalised RGB and torchvision's stride placement (methods/README).
     The code feeds VOC as RGB 0-255 minus the Caffe mean, Cityscapes as BGR/255 minus its mean, Context with a reversed
@@ -101,6 +102,7 @@ PAPER = dict(
     lr_d=1e-4, power=0.9, ndf=64,                                                # Sec. 4.1.3 (Adam 0.9/0.99)
     lambda_fm=0.1, lambda_st=1.0, lambda_gan=0.0, gamma=0.6,                     # Sec. 4.1.3; Table 6 SGAN
     aspp_branches=4, official_optimizer=False, official_input=False, stride_in_1x1=False, official_dropout=False,
+    no_amp=False,                                                                # deviation 3
     tau=0.2, fuse_logits=False, fuse_with="teacher",                             # Eq. (7), Sec. 4.1.3 (dev. 12)
     # MLMT (Sec. 3.2, 4.1.2; the rest from the released train_mlmt.py, card 5.3 / 6)
     mlmt_backbone="resnet101", mlmt_init="imagenet", mlmt_size=320, mlmt_epochs=100, mlmt_batch_size=16,
@@ -129,7 +131,8 @@ PRESETS = {
 }
 # Behaviour of the released code that differs from the defaults (methods/README rule 2); see the docstring.
 OFFICIAL_QUIRKS = dict(aspp_branches=2, official_optimizer=True, official_input=True, stride_in_1x1=True,
-                       official_dropout=True, fuse_logits=True, cons="cosine", num_steps=40000, eval_every=5000)
+                       official_dropout=True, fuse_logits=True, cons="cosine", num_steps=40000, eval_every=5000,
+                       no_amp=True)
 OFFICIAL_QUIRKS_DATA = {"voc": dict(random_scale=False, random_mirror=False), "context": dict(official_context_aug=True),
                         "cityscapes": dict(batch_size=8), "synthetic": dict(num_steps=None, eval_every=None)}
 SYNTHETIC_SIZE = dict(size=80, num_train=1000, num_val=200)
@@ -154,7 +157,7 @@ def get_parser():
     a("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (its own arguments are used)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--workers", type=int, help="data loader processes (default: 0 on CPU, min(8, cores) on CUDA)")
-    a("--no-amp", action="store_true", help="float32 on CUDA instead of bf16 autocast")
+    a("--no-amp", action="store_true", default=None, help="float32 on CUDA (TF32 off too) instead of bf16 autocast")
     a("--stage", choices=["both", "s4gan", "mlmt"],
       help="both: s4GAN, then MLMT, then the fused evaluation (default; Cityscapes: s4gan, as in the paper)")
     a("--mlmt-scores", help="fuse with the MLMT val scores of another run (its mlmt_val_scores.csv)")
@@ -211,13 +214,16 @@ def get_parser():
     a("--ema-decay", type=float, help="teacher EMA decay, min(1 - 1/(t+1), this) (code: 0.999)")
     a("--mlmt-eval-every", type=int, help="log the MLMT's val scores every N epochs (code: 5)")
     # released-code quirks
-    a("--official-optimizer", action="store_true", default=None, help="quirk: 3-4 SGD sub-steps per backbone weight")
-    a("--official-input", action="store_true", default=None, help="quirk: the released loaders' input scaling")
-    a("--stride-in-1x1", action="store_true", default=None, help="quirk: Caffe stride placement with torchvision weights")
-    a("--official-dropout", action="store_true", default=None, help="quirk: Dropout2d after D's conv1-3 only")
-    a("--official-context-aug", action="store_true", default=None, help="quirk: Context short side 252-1010, blur")
-    a("--fuse-logits", action="store_true", default=None, help="quirk: Eq. (7) on logits, keeping scores >= tau")
+    on_off = dict(action=argparse.BooleanOptionalAction, default=None)   # each quirk also has a --no- form
+    a("--official-optimizer", **on_off, help="quirk: 3-4 SGD sub-steps per backbone weight")
+    a("--official-input", **on_off, help="quirk: the released loaders' input scaling")
+    a("--stride-in-1x1", **on_off, help="quirk: Caffe stride placement with torchvision weights")
+    a("--official-dropout", **on_off, help="quirk: Dropout2d after D's conv1-3 only")
+    a("--official-context-aug", **on_off, help="quirk: Context short side 252-1010, blur")
+    a("--fuse-logits", **on_off, help="quirk: Eq. (7) on logits, keeping scores >= tau")
     a("--official-quirks", action="store_true", help="turn on every released-code quirk (docstring deviations 2-13)")
+    a("--amp", dest="no_amp", action="store_false", default=None,
+      help="keep bf16 autocast under --official-quirks, which implies --no-amp (deviation 3)")
     # run
     a("--eval-every", type=int, help="evaluate s4GAN every N iterations (0: only at the end; also fused with "
                                      "--mlmt-scores)")
@@ -533,23 +539,39 @@ def fuse(pred, scores, tau, official=False):
 # Optimisation (Sec. 4.1.3): SGD for S with 10x learning rate on the ASPP (dev. 4), Adam for D, both poly decay
 # ================================================================================================================
 class OfficialSGD(torch.optim.Optimizer):
-    """Released-code quirk (deviation 3, card 4.1): each parameter listed k times in SGD takes k momentum sub-steps
-    with the same gradient and a shared momentum buffer. Written out here because passing duplicates to torch.optim
-    is undefined. Modern weight decay semantics (decay recomputed each sub-step), no Nesterov."""
+    """Released-code quirk (deviation 3, card 4.1): the code lists each backbone weight k times in one SGD group
+    (stem conv 1, bottleneck convs 3, downsample convs 4), and the PyTorch <= 0.4 SGD it ran on stepped once per
+    listing with the same gradient and one shared momentum buffer. Each listing did, in place,
+        d_p = p.grad; d_p += wd * p  (into p.grad itself, so the decay accumulates over the k sub-steps)
+        buf = momentum * buf + d_p;  p -= lr * (d_p + momentum * buf if nesterov else buf)
+    Written out here because passing duplicates to torch.optim is undefined. Vectorised: the tensors of one group
+    with the same k form one bucket, stepped with torch._foreach_* ops (a few dozen ops per step, not thousands)."""
 
-    def __init__(self, param_groups, momentum, weight_decay):
-        super().__init__(param_groups, dict(lr=0.0, momentum=momentum, weight_decay=weight_decay, k=None))
+    def __init__(self, param_groups, momentum, weight_decay, nesterov=False):
+        super().__init__(param_groups, dict(lr=0.0, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                                            k=None))
+
+    def _buffer(self, p):
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        return state["momentum_buffer"]
 
     @torch.no_grad()
     def step(self):
         for g in self.param_groups:
-            for p, k in zip(g["params"], g["k"]):
-                if p.grad is None:
+            for k in sorted(set(g["k"])):
+                params = [p for p, n in zip(g["params"], g["k"]) if n == k and p.grad is not None]
+                if not params:
                     continue
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                for _ in range(k):
-                    buf.mul_(g["momentum"]).add_(p.grad + g["weight_decay"] * p)
-                    p.sub_(g["lr"] * buf)
+                grads, bufs = [p.grad for p in params], [self._buffer(p) for p in params]
+                for _ in range(k):                                   # one sub-step per listing
+                    if g["weight_decay"]:
+                        torch._foreach_add_(grads, params, alpha=g["weight_decay"])   # into p.grad: accumulates
+                    torch._foreach_mul_(bufs, g["momentum"])
+                    torch._foreach_add_(bufs, grads)
+                    update = torch._foreach_add(grads, bufs, alpha=g["momentum"]) if g.get("nesterov") else bufs
+                    torch._foreach_add_(params, update, alpha=-g["lr"])
 
 
 def make_optimizers(model, D, args):
@@ -558,7 +580,7 @@ def make_optimizers(model, D, args):
     if args.official_optimizer:   # stem conv 1x, bottleneck convs 3x, downsample convs 4x
         k = [1 if n.startswith("conv1.") else 4 if ".downsample." in n else 3 for n, _ in backbone]
         opt_S = OfficialSGD([dict(params=[p for _, p in backbone], k=k), dict(params=head, k=[1] * len(head))],
-                            args.momentum, args.weight_decay)
+                            args.momentum, args.weight_decay, args.nesterov)
     elif args.optimizer == "adam":     # synthetic preset only (deviation 16): from scratch, SGD learns far slower
         opt_S = torch.optim.Adam([dict(params=[p for _, p in backbone]), dict(params=head)], lr=args.lr,
                                  weight_decay=args.weight_decay)
@@ -862,7 +884,7 @@ def train(args, run_dir, model, D, opt_S, opt_D, streams, val_loader, start, cla
             save_atomic({"iteration": it, "model": model.state_dict(), "D": D.state_dict(),
                          "opt_S": opt_S.state_dict(), "opt_D": opt_D.state_dict(),
                          "streams": {k: s.state() for k, s in streams.items()}, "rng": torch.get_rng_state(),
-                         "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else torch.zeros(0)},
+                         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0)},
                         os.path.join(run_dir, "last.pt"))                  # the RNG: D's dropout masks continue exactly
         if args.eval_every and it % args.eval_every == 0 and it < args.num_steps:
             with torch.random.fork_rng(devices=[]):   # opening the loader draws from the RNG of D's dropout
@@ -1110,8 +1132,9 @@ def run(argv=None):
         torch.set_flush_denormal(True)    # denormal floats make CPU convolutions many times slower
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = not args.no_amp     # --no-amp: true float32, no TF32 matmuls either
+        torch.backends.cudnn.allow_tf32 = not args.no_amp
+        torch.cuda.set_device(device.index or 0)        # --device cuda:N: the CUDA context and pinned memory on GPU N
     do_s4gan, do_mlmt = args.stage in ("both", "s4gan"), args.stage in ("both", "mlmt")
 
     # data and split: every check that can fail on bad input runs before the run folder is made
@@ -1157,7 +1180,10 @@ def run(argv=None):
                                                    f"_seed{args.seed}_{datetime.datetime.now():%Y%m%d-%H%M%S}")
         if any(os.path.exists(os.path.join(run_dir, f)) for f in ("last.pt", "mlmt_last.pt")):
             raise DataError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
-        os.makedirs(run_dir, exist_ok=True)
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as e:                               # e.g. --out names an existing file
+            raise DataError(f"--out {run_dir}: cannot make the run folder there ({e.strerror})") from None
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
         common.write_list(os.path.join(run_dir, "labeled.txt"), labeled)

@@ -1,4 +1,5 @@
 """Tests for common.py, hung2018.py, latent_classes.py, luc2016.py, s4gan_mlmt.py and dual_disc.py: CPU only, no network.  Run: python -m pytest -q"""
+import copy
 import json
 import math
 import os
@@ -258,9 +259,10 @@ def test_poly_schedule_and_official_optimizer():
         p = named[name]
         p.grad = torch.ones_like(p)
         w0 = p.detach().clone()
-        ref, buf = w0.clone(), torch.zeros_like(w0)
+        ref, buf, d_p = w0.clone(), torch.zeros_like(w0), torch.ones_like(w0)
         for _ in range(k):
-            buf = 0.9 * buf + (1 + 5e-4 * ref)
+            d_p = d_p + 5e-4 * ref                           # PyTorch 0.3: the decay accumulates in p.grad
+            buf = 0.9 * buf + d_p
             ref = ref - opt_S.param_groups[0]["lr"] * buf
         opt_S.step()
         assert torch.allclose(p.detach(), ref, atol=1e-7), name
@@ -521,15 +523,16 @@ def test_lc_loss_latent_direct_and_properties():
     J /= V                                                     # Eq. (2), divided by the valid pixels
     assert (lc.cooccurrence(prob_l.detach(), y, C) / V).sum().item() == pytest.approx(1.0)   # (g) a distribution
     direct = -sum(J[c, l] * math.log(J[c, l] / J[:, l].sum()) for c in range(C) for l in range(L) if J[c, l] > 0)
-    loss, cooc = lc.loss_latent(prob_l, y, C)
+    loss, cooc = lc.loss_latent(prob_l, y, C, norm="valid")
     assert not cooc.requires_grad and torch.allclose(cooc / V, J)                    # the sums M is updated with
     assert loss.item() == pytest.approx(float(direct), rel=1e-6)
     loss.backward()
     assert torch.isfinite(prob_l.grad).all()                                        # (e) no NaN with an absent class
     assert prob_l.grad[0, :, 0, :].abs().max() == 0                                 # (d) 255 pixels: no gradient
-    norm_all = lc.loss_latent(prob_l.detach(), y, C, norm="all")[0]                    # deviation 3: a scale factor
+    norm_all = lc.loss_latent(prob_l.detach(), y, C)[0]                    # Eq. (2)'s N*H*W; deviation 3: a factor
     assert norm_all.item() == pytest.approx(loss.item() * V / y.numel(), rel=1e-6)
-    assert lc.loss_latent(prob_l.detach()[:, [2, 0, 1]], y, C)[0].item() == pytest.approx(loss.item(), rel=1e-9)   # (c)
+    assert lc.loss_latent(prob_l.detach()[:, [2, 0, 1]], y, C, norm="valid")[0].item() == \
+        pytest.approx(loss.item(), rel=1e-9)                                                               # (c)
     # (a) one-hot latent, each latent class holding one semantic class: 0; (b) all mass in one latent class: H(C)
     y2 = _labels(2, 5, 6, 3, seed=3)
     pure = F.one_hot(y2, 3).permute(0, 3, 1, 2).double()
@@ -1799,3 +1802,230 @@ def test_h2_s4_ema_foreach_equals_the_loop():
         s4.ema_update(teacher, student, step, 0.999)
         assert all(torch.equal(p, r) for p, r in zip(teacher.parameters(), ref))
 
+
+# ===============================================================================================================
+# H1: cross-cutting fidelity and CUDA-device fixes (issue 13 items 1-3, 5-7, 18; issue 14 items 1, 2, 6, 7)
+# ===============================================================================================================
+SCRIPTS = {"hung2018": hung2018, "latent_classes": lc, "luc2016": luc2016, "s4gan_mlmt": s4, "dual_disc": dd}
+QUIRK_SCRIPTS = (hung2018, lc, s4)
+
+
+def _old_sgd(listing, params, grads, lrs, momentum, wd, nesterov, accumulate=True):
+    """Direct emulation of the released code's optimizer: PyTorch <= 0.4 SGD over a group in which a parameter is
+    listed several times (`listing`: names in the order the released helper yields them). Each listing does
+    d_p = p.grad; d_p.add_(wd, p) in place; buf = d_p.clone() the first time, else buf.mul_(m).add_(d_p);
+    d_p = d_p + m * buf if nesterov else buf; p.add_(-lr, d_p). accumulate=False: the decay recomputed each time."""
+    p = {n: t.clone() for n, t in params.items()}
+    state = {}
+    for lr, step_grads in zip(lrs, grads):
+        g = {n: t.clone() for n, t in step_grads.items()}      # p.grad of this iteration
+        for n in listing:
+            if accumulate:
+                g[n] += wd * p[n]                              # in place into p.grad: carried to the next listing
+                d_p = g[n]
+            else:
+                d_p = g[n] + wd * p[n]
+            if n not in state:
+                state[n] = d_p.clone()
+            else:
+                state[n] = momentum * state[n] + d_p
+            d_p = d_p + momentum * state[n] if nesterov else state[n]
+            p[n] = p[n] - lr * d_p
+    return p
+
+
+@pytest.mark.parametrize("module", QUIRK_SCRIPTS, ids=lambda m: m.__name__)
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_h1_official_sgd_is_pytorch04_sgd_over_the_listings(module, nesterov):
+    gen = torch.Generator().manual_seed(3)
+    shapes = {"stem": (4, 3), "conv": (5,), "down": (2, 2, 2), "head": (3,)}
+    k = {"stem": 1, "conv": 3, "down": 4, "head": 1}
+    params = {n: torch.randn(*s, generator=gen, dtype=torch.float64) for n, s in shapes.items()}
+    grads = [{n: torch.randn(*s, generator=gen, dtype=torch.float64) for n, s in shapes.items()} for _ in range(3)]
+    lrs, wd, momentum = [0.1, 0.07, 0.04], 0.05, 0.9         # a large decay, so that its accumulation shows
+    # the released helper's order: stem, then per stage the stage, the block, the conv (and the downsample's two)
+    listing = ["stem", "conv", "down", "conv", "down", "conv", "down", "down"]
+    tensors = {n: t.clone() for n, t in params.items()}
+    body = ["stem", "conv", "down"]
+    opt = module.OfficialSGD([dict(params=[tensors[n] for n in body], k=[k[n] for n in body]),
+                              dict(params=[tensors["head"]], k=[1])], momentum, wd, nesterov)
+    for lr, g in zip(lrs, grads):
+        opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = lr, 10 * lr
+        for n, t in tensors.items():
+            t.grad = g[n].clone()
+        opt.step()
+    ref = _old_sgd(listing, {n: params[n] for n in body}, [{n: g[n] for n in body} for g in grads], lrs, momentum,
+                   wd, nesterov)
+    ref["head"] = _old_sgd(["head"], {"head": params["head"]}, [{"head": g["head"]} for g in grads],
+                           [10 * lr for lr in lrs], momentum, wd, nesterov)["head"]
+    modern = _old_sgd(listing, {n: params[n] for n in body}, [{n: g[n] for n in body} for g in grads], lrs,
+                      momentum, wd, nesterov, accumulate=False)
+    for n in shapes:
+        assert torch.allclose(tensors[n], ref[n], rtol=0, atol=1e-12), n
+    assert torch.allclose(tensors["stem"], modern["stem"], rtol=0, atol=1e-12)   # k = 1: the two agree
+    for n in ("conv", "down"):                                  # k = 3, 4: the accumulated decay is what is done
+        assert (tensors[n] - modern[n]).abs().max() > 1e-4, n
+    # the momentum buffers are the optimizer's state: a copy loaded from state_dict continues identically
+    copies = {n: t.detach().clone() for n, t in tensors.items()}
+    opt2 = module.OfficialSGD([dict(params=[copies[n] for n in body], k=[k[n] for n in body]),
+                               dict(params=[copies["head"]], k=[1])], momentum, wd, nesterov)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))      # as torch.save and torch.load would
+    for o, ts in ((opt, tensors), (opt2, copies)):
+        for n, t in ts.items():
+            t.grad = grads[0][n].clone()
+        o.step()
+    for n in shapes:
+        assert torch.equal(tensors[n], copies[n]), n
+
+
+@pytest.mark.parametrize("module", QUIRK_SCRIPTS, ids=lambda m: m.__name__)
+def test_h1_quirk_flags_no_forms_nesterov_and_amp(module):
+    data = "context" if module is s4 else "synthetic"          # --official-context-aug is a Context quirk
+
+    def resolved(*argv):
+        return module.resolve_args(module.get_parser().parse_args(["--data", data, *argv]))
+
+    a = resolved()
+    assert a.no_amp is False and a.official_optimizer is False
+    q = resolved("--official-quirks")
+    assert q.no_amp is True and q.official_optimizer is True                   # the released code ran float32
+    assert resolved("--official-quirks", "--amp").no_amp is False               # one quirk undone
+    assert resolved("--no-amp").no_amp is True and resolved("--amp", "--no-amp").no_amp is True
+    assert resolved("--official-quirks", "--no-official-optimizer").official_optimizer is False
+    flags = ["--rgb-input"] if module is not s4 else ["--official-input", "--stride-in-1x1", "--official-dropout",
+                                                      "--official-context-aug", "--fuse-logits"]
+    for flag in flags:
+        dest = flag[2:].replace("-", "_")
+        assert getattr(resolved("--official-quirks"), dest) is True, flag
+        assert getattr(resolved("--official-quirks", "--no" + flag[1:]), dest) is False, flag
+        assert getattr(resolved(flag), dest) is True, flag
+    # OfficialSGD takes the resolved Nesterov setting (the quirk set turns it off, an explicit flag wins)
+    model = module.DeepLabV2(3, "resnet18", (1, 2, 3, 4), width=8) if module is not lc else \
+        lc.DeepLabV2(3, 4, "resnet18", (1, 2, 3, 4), width=8)
+    for argv, nesterov in ((["--official-quirks"], False), (["--official-quirks", "--nesterov"], True)):
+        args = resolved("--optimizer", "sgd", *argv)
+        opt_S, _ = module.make_optimizers(model, torch.nn.Linear(1, 1), args)
+        assert isinstance(opt_S, module.OfficialSGD) and opt_S.param_groups[0]["nesterov"] is nesterov
+
+
+class _StopAtSetDevice(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+@pytest.mark.parametrize("no_amp", [False, True])
+def test_h1_cuda_set_up_device_and_tf32(name, no_amp, monkeypatch, tmp_path):
+    """--device cuda:1 selects GPU 1 with torch.cuda.set_device (checked on the CPU by stopping the run there), after
+    the TF32 switches, which --no-amp turns off."""
+    calls = []
+
+    def set_device(d):
+        calls.append(d)
+        raise _StopAtSetDevice
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    switches = ((torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"),
+                (torch.backends.cudnn, "benchmark"))
+    saved = [getattr(obj, attr) for obj, attr in switches]
+    try:
+        for obj, attr in switches:
+            setattr(obj, attr, no_amp)                         # the opposite of what the run must set
+        with pytest.raises(_StopAtSetDevice):
+            SCRIPTS[name].main(["--data", "synthetic", "--device", "cuda:1", "--out", str(tmp_path / "r")] +
+                               (["--no-amp"] if no_amp else []))
+        tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    finally:
+        for (obj, attr), value in zip(switches, saved):
+            setattr(obj, attr, value)
+    assert calls == [1] and tf32 == (not no_amp, not no_amp)
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_h1_out_naming_a_file_is_one_line_and_writes_nothing(name, tmp_path, capsys):
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me\n")
+    with pytest.raises(SystemExit) as e:
+        SCRIPTS[name].main(["--data", "synthetic", "--out", str(target), "--num-steps", "2"])
+    assert e.value.code == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("warning:")]
+    assert len(err) == 1 and err[0].startswith("error: --out ") and "Traceback" not in err[0], err
+    assert target.read_text() == "keep me\n" and os.listdir(tmp_path) == ["notes.txt"]
+
+
+def _record_D_fakes(monkeypatch, cls):
+    """Batch sizes D sees while it is being trained (its parameters require grad only in step (3)): fake, real."""
+    sizes, forward = [], cls.forward
+
+    def wrapped(self, x):
+        if torch.is_grad_enabled() and next(self.parameters()).requires_grad:
+            sizes.append(x.shape[0])
+        return forward(self, x)
+
+    monkeypatch.setattr(cls, "forward", wrapped)
+    return sizes
+
+
+# 4 of 8 iterations (no final evaluation), batch 2, a narrow network: the loop's control flow is what is tested
+H1_FAST = ["--num-steps", "8", "--stop-at", "4", "--batch-size", "2", "--width", "8", "--log-every", "1",
+           "--save-every", "4"]
+
+
+def test_h1_hung_semi_start_adv_gates_the_whole_unlabeled_block(tmp_path, monkeypatch):
+    sizes = _record_D_fakes(monkeypatch, FCDiscriminator)
+    out = str(tmp_path / "r")
+    run_main(["--data", "synthetic", "--out", out, "--semi-start", "1", "--semi-start-adv", "3"] + H1_FAST)
+    log = read_log(out)
+    for r in log[:3]:                                          # iterations 0-2: no unlabeled batch at all
+        assert "loss_adv_u" not in r and "loss_semi" not in r, r
+    assert "loss_adv_u" in log[3] and "loss_semi" in log[3]
+    assert sizes[0::2] == [2, 2, 2, 4]                         # D's fakes: labeled only until --semi-start-adv
+
+
+def test_h1_hung_table6_L_semi_without_L_adv_runs_the_unlabeled_batch_from_0(tmp_path, monkeypatch):
+    sizes = _record_D_fakes(monkeypatch, FCDiscriminator)
+    out = str(tmp_path / "r")
+    run_main(["--data", "synthetic", "--out", out, "--lambda-adv", "0", "--lambda-adv-unl", "0", "--semi-start", "2"]
+             + H1_FAST)
+    log = read_log(out)
+    assert sizes[0::2] == [4, 4, 4, 4]                        # unlabeled predictions are D's fakes from iteration 0
+    assert [("loss_semi" in r) for r in log] == [False, False, True, True]   # L_semi from --semi-start 2
+    assert all("loss_adv" not in r for r in log)
+
+
+def test_h1_lc_semi_start_adv_and_unlabeled_batch_before_cons_start(tmp_path, monkeypatch):
+    sizes = _record_D_fakes(monkeypatch, lc.FCDiscriminator)
+    out = str(tmp_path / "a")
+    lc.main(["--data", "synthetic", "--out", out, "--cons-start", "1", "--semi-start-adv", "3", "--num-latent", "5"]
+            + H1_FAST)
+    log = read_log(out)
+    for r in log[:3]:
+        assert "loss_adv_u" not in r and "loss_cons" not in r, r
+    assert "loss_adv_u" in log[3] and "loss_cons" in log[3]
+    assert sizes[0::2] == [2, 2, 2, 4]
+    # lambda_adv_u = 0: the unlabeled batch still passes through S from iteration 0 and joins D's fakes (Hung's code)
+    sizes.clear()
+    out = str(tmp_path / "b")
+    lc.main(["--data", "synthetic", "--out", out, "--lambda-adv-unl", "0", "--cons-start", "2", "--num-latent", "5"]
+            + H1_FAST)
+    log = read_log(out)
+    assert sizes[0::2] == [4, 4, 4, 4]
+    assert [("loss_cons" in r) for r in log] == [False, False, True, True] and all("loss_adv_u" not in r for r in log)
+
+
+def test_h1_lc_loss_latent_default_is_eq2_over_NHW_with_void_pixels():
+    C, L, N, H, W = 3, 4, 2, 3, 5
+    prob_l = _probs(N, L, H, W, seed=7)
+    y = _labels(N, H, W, C, seed=8)
+    y[0, 1, :], y[1, :, 0] = 255, 255                          # void pixels count in N*H*W but add nothing to P_b
+    P = torch.zeros(C, L, dtype=torch.float64)                 # Eq. (2): 1/(NHW) sum_{n,h,w} S_l Y
+    for n in range(N):
+        for h in range(H):
+            for w in range(W):
+                if y[n, h, w] != 255:
+                    P[y[n, h, w]] += prob_l[n, :, h, w] / (N * H * W)
+    direct = -sum(P[c, l] * math.log(P[c, l] / P[:, l].sum()) for c in range(C) for l in range(L))   # Eqs. (1), (3)
+    assert lc.loss_latent(prob_l, y, C)[0].item() == pytest.approx(float(direct), rel=1e-6)
+    V = int((y != 255).sum())
+    assert lc.loss_latent(prob_l, y, C, norm="valid")[0].item() == pytest.approx(float(direct) * N * H * W / V, rel=1e-6)
+    assert lc.resolve_args(lc.get_parser().parse_args(["--data", "voc"])).latent_norm == "all"
