@@ -39,7 +39,8 @@ Deviations and choices (paper / released code hfslyc/AdvSemiSeg / this script; `
  9. BatchNorm: affine frozen, batch statistics during training (code; paper silent). `--freeze-bn-stats` for frozen BN.
 10. When no unlabeled pixel passes T_semi the whole unlabeled loss is dropped that iteration (code), done on the device
     by multiplying with (kept pixels > 0) so that no host sync is needed.
-11. ASPP is always freshly initialised (N(0, 0.01), bias 0); checkpoint `layer5` tensors are not loaded (card 9.21).
+11. ASPP is always freshly initialised (weights N(0, 0.01); biases PyTorch's default, as the released code: the
+    card's [I] bias 0 yields to it by methods/README rule 1); checkpoint `layer5` tensors are not loaded (card 9.21).
 12. Upsampling size is (H, W) (code: (W, H), a bug that only matters for non-square crops such as Cityscapes).
 13. `--no-fcd` (Table 6, no code released): D's last conv is replaced by global average pooling + one linear logit,
     whose value is used for every pixel.
@@ -250,9 +251,8 @@ class ASPP(nn.Module):
         self.branches = branches
         self.conv2d_list = nn.ModuleList(
             nn.Conv2d(in_channels, num_classes, 3, padding=r, dilation=r, bias=True) for r in rates)
-        for conv in self.conv2d_list:           # card 4.1: N(0, 0.01), bias 0 ([I])
-            nn.init.normal_(conv.weight, 0, 0.01)
-            nn.init.zeros_(conv.bias)
+        for conv in self.conv2d_list:           # card 4.1: weights N(0, 0.01); biases keep PyTorch's default
+            nn.init.normal_(conv.weight, 0, 0.01)   # U(+-1/sqrt(fan_in)), as the released deeplab.py (paper silent)
 
     def forward(self, x):
         out = self.conv2d_list[0](x)

@@ -258,9 +258,8 @@ class ASPP(nn.Module):
         self.branches = branches
         self.conv2d_list = nn.ModuleList(
             nn.Conv2d(in_channels, num_classes, 3, padding=r, dilation=r, bias=True) for r in rates)
-        for conv in self.conv2d_list:           # card 5.2: N(0, 0.01), bias 0 ([I])
-            nn.init.normal_(conv.weight, 0, 0.01)
-            nn.init.zeros_(conv.bias)
+        for conv in self.conv2d_list:           # card 5.2: weights N(0, 0.01); biases keep PyTorch's default
+            nn.init.normal_(conv.weight, 0, 0.01)   # U(+-1/sqrt(fan_in)), as the released deeplab.py (paper silent)
 
     def forward(self, x):
         out = self.conv2d_list[0](x)

@@ -1739,12 +1739,13 @@ def test_h2_s4_resampling_and_context_padding_defaults():
     assert (y[30:] == 255).all() and (y[:30, :40] == 1).all()            # padding ignored, not background
 
 
-def test_h2_s4_aspp_biases_keep_pytorch_default_init():
+@pytest.mark.parametrize("script", ["s4gan_mlmt", "hung2018", "latent_classes"])
+def test_h2_s4_aspp_biases_keep_pytorch_default_init(script):
     torch.manual_seed(0)
-    aspp = s4.ASPP(64, 5)
+    aspp = {"s4gan_mlmt": s4, "hung2018": hung2018, "latent_classes": lc}[script].ASPP(64, 5)
     bound = 1 / math.sqrt(64 * 9)                                         # PyTorch's U(-1/sqrt(fan_in), +)
     for conv in aspp.conv2d_list:
-        assert (conv.bias != 0).all() and conv.bias.abs().max() <= bound
+        assert (conv.bias != 0).all() and conv.bias.abs().max() <= bound   # released deeplab.py: default init
         assert abs(conv.weight.std().item() - 0.01) < 0.001
 
 
