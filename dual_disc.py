@@ -94,16 +94,17 @@ PAPER = dict(
     num_steps=20000, batch_size=10, crop_size=(321, 321), resize=None,              # Sec. 4.1
     random_scale=True, random_mirror=False,                                         # Sec. 4.1; Hung (dev. 9)
     optimizer="sgd", lr=1e-3, head_lr_mult=10, lr_d=1e-4, power=0.9, momentum=0.9,  # Sec. 4.1; Hung (dev. 9)
-    weight_decay=1e-4, nesterov=True, ndf=64,
-    lambda_adv=0.01, lambda_adv_unl=0.0, lambda_semi=0.1, semi_start=5000,          # Sec. 4.1; card 7
+    weight_decay=1e-4, nesterov=False, ndf=64, freeze_bn_stats=False,               # Sec. 4.1 (dev. 12); dev. 10
+    lambda_adv=0.01, lambda_adv_unl=0.001, lambda_semi=0.1, semi_start=5000,        # Sec. 4.1; dev. 6 (Hung)
     threshold_mode="d1", t_static=0.9, d1_head="gap", d2_structure="s4", d2_input="prob",   # card 5, 8; Tables 6-7
     d2_real_term=False, freeze_d_after_warmup=True, calib_hung_d=True,
     eval_pad=(505, 505), eval_batch_size=4, save_every=1000, eval_every=0, log_every=20)
 PRESETS = {
     "voc": {},
     # Sec. 4.1: 512x1024, batch 2, 40k iterations; no crop, scale or flip (deviation 14)
+    # and frozen BatchNorm statistics at batch 2 (card 3, deviation 10)
     "cityscapes": dict(num_steps=40000, batch_size=2, crop_size=None, resize=(512, 1024), random_scale=False,
-                       eval_pad=None, eval_batch_size=2),
+                       eval_pad=None, eval_batch_size=2, freeze_bn_stats=True),
     # Not the paper's (deviation 15): small enough for a 2-core CPU in about 5 minutes, and measured to learn
     # (README, "The synthetic dataset"). 80x80 images give 5x5 features at output stride 16, so the ASPP rates are
     # scaled down from 6/12/18 to 1/2/3. From scratch, Adam at 5e-4 as in hung2018.py's synthetic preset.
@@ -112,12 +113,14 @@ PRESETS = {
                       random_scale=False, random_mirror=True, optimizer="adam", lr=5e-4, head_lr_mult=1, ndf=16,
                       semi_start=250, eval_pad=None, eval_batch_size=50, save_every=250, log_every=50),
 }
-# Table 3's rows: which discriminators exist, whether L_s is on and which threshold it uses (deviation 5)
+# Table 3's rows: which discriminators exist, whether L_s is on and which threshold it uses (deviation 5). The rows
+# without the semi-supervised module use no unlabeled image, so no L_ad on unlabeled images either (deviation 6).
+NO_SEMI = dict(lambda_semi=0.0, lambda_adv_unl=0.0)
 ABLATIONS = {
-    "baseline": dict(d1=False, d2=False, lambda_semi=0.0),          # DeepLab-v3+ on labeled images only
-    "d2": dict(d1=False, d2=True, lambda_semi=0.0),                 # + D2 (adversarial loss from D2)
-    "d1": dict(d1=True, d2=False, lambda_semi=0.0),                 # D1 alone (Sec. 4.2: "small improvement")
-    "d1d2": dict(d1=True, d2=True, lambda_semi=0.0),                # + D1
+    "baseline": dict(d1=False, d2=False, **NO_SEMI),                # DeepLab-v3+ on labeled images only
+    "d2": dict(d1=False, d2=True, **NO_SEMI),                       # + D2 (adversarial loss from D2)
+    "d1": dict(d1=True, d2=False, **NO_SEMI),                       # D1 alone (Sec. 4.2: "small improvement")
+    "d1d2": dict(d1=True, d2=True, **NO_SEMI),                      # + D1
     "static": dict(d1=False, d2=True, threshold_mode="static"),     # + semi-supervised, manual threshold 0.9
     "full": dict(d1=True, d2=True),                                 # + D1 as the dynamic threshold
 }
@@ -156,7 +159,9 @@ def get_parser():
     a("--low-level-channels", type=int, help="decoder's reduced layer1 channels (48)")
     a("--decoder-channels", type=int, help="decoder's 3x3 conv channels (256)")
     a("--aspp-dropout", type=float, help="dropout after the ASPP projection (card 14 #13: 0.1)")
-    a("--freeze-bn-stats", action="store_true", help="backbone BN in eval mode (default: batch statistics, Hung)")
+    a("--freeze-bn-stats", action=argparse.BooleanOptionalAction, default=None,
+      help="every BN of G (backbone, ASPP incl. image pooling, decoder) in eval mode (default: VOC batch statistics "
+           "as Hung; Cityscapes frozen, card 3)")
     # discriminators (card 4-5; Tables 6-7)
     a("--ablation", choices=list(ABLATIONS), default="full", help="Table 3 row (default: full method)")
     a("--ndf", type=int, help="discriminator width, channels of the first conv (Hung: 64)")
@@ -179,10 +184,12 @@ def get_parser():
     a("--power", type=float, help="poly decay power (Hung: 0.9)")
     a("--momentum", type=float, help="SGD momentum (Sec. 4.1: 0.9)")
     a("--weight-decay", type=float, help="SGD weight decay (Sec. 4.1: 1e-4)")
-    a("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum (Hung Table 9)")
+    a("--nesterov", action=argparse.BooleanOptionalAction, default=None,
+      help="Nesterov momentum (Sec. 4.1 names plain SGD with momentum 0.9: off; Hung Table 9: on)")
     # method (Sec. 3, 4.1)
     a("--lambda-adv", type=float, help="lambda_ad, weight of L_ad on labeled images (Sec. 4.1: 0.01)")
-    a("--lambda-adv-unl", type=float, help="L_ad weight on unlabeled images (card 7: 0; Hung 0.001)")
+    a("--lambda-adv-unl", type=float,
+      help="L_ad weight on unlabeled images after the warm-up (Hung, methods/README table: 0.001; card 7: 0)")
     a("--lambda-semi", type=float, help="lambda_s, weight of L_s (Sec. 4.1: 0.1)")
     a("--semi-start", type=int, help="labeled-only warm-up; then D1, D2 fixed and L_s on (Sec. 4.1: 5000)")
     a("--threshold-mode", choices=["d1", "one_minus_d1", "static"], help="trusted region rule (deviation 5)")
@@ -222,6 +229,9 @@ def resolve_args(args):
         raise DataError("--semi-start 0 with frozen discriminators: D1 and D2 would set thresholds untrained")
     if args.lambda_adv_unl > 0 and not (args.d1 or args.d2):
         raise DataError(f"--lambda-adv-unl needs a discriminator; --ablation {args.ablation} has none")
+    if args.lambda_adv_unl > 0 and not adv_unl_reaches_G(args):
+        warnings.warn(f"--lambda-adv-unl {args.lambda_adv_unl}: no gradient reaches G from --ablation {args.ablation} "
+                      f"with --d2-input label_rgb (an argmax), so L_ad on unlabeled images is left out")
     if args.batch_size < 2:
         raise DataError("--batch-size must be at least 2: the ASPP image-pooling branch has a BatchNorm over 1x1 maps")
     if not 0 < args.t_static < 1:
@@ -450,6 +460,22 @@ def loss_adv(z1, z2, valid=None):
     return sum(t for t in (l1, l2) if t is not None), l1, l2
 
 
+# Padding without labels. In this project's pipeline (common.TrainTransform, common.EvalTransform) padded image pixels
+# are exactly 0.0 in all three channels after normalisation, and a real pixel never is: an 8-bit value v becomes
+# (v / 255 - mean) / std (imagenet) or v - mean (caffe), and no mean is a multiple of 1/255 (0.485, 0.456, 0.406 are
+# 123.675, 116.28, 103.53 / 255) or an integer (104.008, 116.669, 122.679), so no channel of a real pixel is 0
+# (a test checks all 256 values). Rescaling happens on the 8-bit image before normalisation.
+def pad_mask(x):
+    """(N, 3, H, W) normalised images -> (N, H, W) bool: True at image pixels, False at padding."""
+    return (x != 0).any(1)
+
+
+# D1's logits on images without labels: the map zeroed at padding, as D1's fakes were zeroed at void and padding
+# during training (deviation 2), so padding does not move the threshold. Used in training and in evaluate().
+def d1_unlabeled(d1, prob, x):
+    return d1(prob * pad_mask(x)[:, None]).float()                  # (N,)
+
+
 # (R, card 8): per-image threshold T_u = sigmoid(D1(G(X_u))) (or 1 - it, or the static 0.9), shape (N, 1, 1)
 def threshold(z1_u, mode, t_static):
     if mode == "static":
@@ -498,11 +524,14 @@ def poly_lr(opt_S, opt_D, i, args):
 
 
 def set_train_mode(model, freeze_bn_stats):
-    """Whole model in train mode (batch statistics, Hung's code); `--freeze-bn-stats`: backbone BN in eval mode."""
+    """Whole model in train mode (batch statistics, Hung's code); `--freeze-bn-stats`: every BatchNorm of G in eval
+    mode, the head's included (at batch 2 the image-pooling BN in train mode normalises 2 values per channel to
+    exactly -1 and +1). The head's BNs then keep their initial statistics (mean 0, variance 1): their affine
+    parameters still learn a scale and shift per channel."""
     model.train()
     if freeze_bn_stats:
-        for m in model.backbone.modules():
-            if isinstance(m, nn.BatchNorm2d):
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
 
 
@@ -566,9 +595,15 @@ def build_data(args, source, labeled, unlabeled, stream_states=None):
     return streams, val, normalize
 
 
+def adv_unl_reaches_G(args):
+    """Whether L_ad on unlabeled images can train G: D1's term always can; D2's not through --d2-input label_rgb
+    (an argmax has no gradient)."""
+    return args.lambda_adv_unl > 0 and (args.d1 or (args.d2 and args.d2_input != "label_rgb"))
+
+
 def use_unlabeled(args, unlabeled):
     return (len(unlabeled) > 0 and args.semi_start < args.num_steps
-            and (args.lambda_semi > 0 or (args.lambda_adv_unl > 0 and (args.d1 or args.d2))))
+            and (args.lambda_semi > 0 or adv_unl_reaches_G(args)))
 
 
 # ================================================================================================================
@@ -617,12 +652,13 @@ def train(args, run_dir, model, D, opt_S, opt_D, streams, val_loader, normalize,
         # (1) generator on an unlabeled batch (phase B): lambda_s L_s over the common trusted region (+ L_ad_u)
         if "unlabeled" in streams and not warm:
             x_u = to_dev(next(streams["unlabeled"])[0], image=True)   # its labels are never read
+            adv_u = adv_unl_reaches_G(args)                           # deviation 6
             with torch.autocast(**amp):
                 pred_u = up(model(x_u).float(), x_u.shape[-2:])       # (N, C, H, W) logits
                 p_u = F.softmax(pred_u, 1)
-                p_in = p_u if args.lambda_adv_unl > 0 else p_u.detach()   # no graph through D1, D2 unless L_ad_u
-                need_d1 = d1 is not None and (args.threshold_mode != "static" or args.lambda_adv_unl > 0)
-                z1_u = d1(p_in).float() if need_d1 else None          # (N,): the dynamic thresholds
+                p_in = p_u if adv_u else p_u.detach()                 # no graph through D1, D2 unless L_ad_u
+                need_d1 = d1 is not None and (args.threshold_mode != "static" or adv_u)
+                z1_u = d1_unlabeled(d1, p_in, x_u) if need_d1 else None   # (N,): the thresholds, padding masked
                 z2_u = d2(d2_input(p_in, x_u, args.d2_input)).float() if d2 is not None else None   # (N, 1, H, W)
             loss_u = 0
             if args.lambda_semi > 0:
@@ -632,7 +668,7 @@ def train(args, run_dir, model, D, opt_S, opt_D, streams, val_loader, normalize,
                 acc("loss_semi", l_semi), acc("trusted", trusted.float().mean())
                 if torch.is_tensor(t_u):
                     acc("threshold", t_u.mean())
-            if args.lambda_adv_unl > 0:                              # deviation 6: off by default
+            if adv_u:                                                # deviation 6 (label_rgb-only D2: skipped)
                 l_adv_u = loss_adv(z1_u, z2_u)[0]
                 loss_u = loss_u + args.lambda_adv_unl * l_adv_u
                 acc("loss_adv_u", l_adv_u)
@@ -816,7 +852,8 @@ def evaluate(model, D, loader, num_classes, device, amp, num_pictures, args, cal
                 conf["d2"] = torch.sigmoid(d2(d2_input(p, xs, args.d2_input)).float())[:, 0]
             if dh is not None:
                 conf["hung"] = torch.sigmoid(dh(p).float())[:, 0]
-            t = threshold(d1(p).float(), args.threshold_mode, args.t_static) if d1 is not None else args.t_static
+            t = (threshold(d1_unlabeled(d1, p, xs), args.threshold_mode, args.t_static) if d1 is not None
+                 else args.t_static)                          # as in training: D1 sees no padding (deviation 5)
         for k, c in calib.items():
             c.update(conf[k], correct, valid)
         if d2 is not None:
