@@ -1369,7 +1369,7 @@ def test_dd_end_to_end_synthetic_with_calibration(tmp_path):
         assert sum(c["share_of_correct"]) == pytest.approx(1, abs=1e-3)
         assert sum(c["share_of_incorrect"]) == pytest.approx(1, abs=1e-3)
     t = cal["trusted_region"]
-    assert t["threshold_mode"] == "d1" and 0 <= t["fraction_of_pixels"] <= 1
+    assert t["threshold_mode"] == "one_minus_d1" and 0 <= t["fraction_of_pixels"] <= 1
     assert t["accuracy_all"] == pytest.approx(m["pixel_acc"], abs=1e-6)
     with Image.open(os.path.join(out, "calibration.png")) as im:
         assert im.size[0] > 600
@@ -1684,7 +1684,8 @@ def test_dd_freeze_bn_stats_reaches_the_head_and_cityscapes_default():
     parse = lambda *a: dd.resolve_args(dd.get_parser().parse_args(list(a)))
     assert parse("--data", "cityscapes").freeze_bn_stats is True
     assert parse("--data", "cityscapes", "--no-freeze-bn-stats").freeze_bn_stats is False
-    assert parse("--data", "voc").freeze_bn_stats is False and parse("--data", "voc", "--freeze-bn-stats").freeze_bn_stats
+    assert parse("--data", "voc").freeze_bn_stats is False
+    assert parse("--data", "voc", "--freeze-bn-stats").freeze_bn_stats is True
 
 
 def test_dd_pad_mask_and_d1_threshold_without_padding():
@@ -1717,14 +1718,16 @@ def test_dd_pad_mask_and_d1_threshold_without_padding():
 
 
 def test_dd_d1_never_sees_padding_in_training_and_evaluate(tmp_path, monkeypatch):
-    """13.13 in the loop: with 80x80 synthetic images padded to 96x96 crops (no flips), every D1 input (the thresholds on
-    unlabeled batches included) is 0 on the padding; evaluate() masks the val padding the same way. 13.16: the full
+    """13.13 in the loop: with 80x80 synthetic images padded to 96x96 crops (no flips), every D1 input (the
+    thresholds on unlabeled batches included) is 0 on the padding; evaluate() masks the val padding the same way. 13.16: the full
     method adds L_ad on unlabeled images after the warm-up."""
     inputs = []
     fwd = dd.ImageDiscriminator.forward
-    monkeypatch.setattr(dd.ImageDiscriminator, "forward", lambda self, x: (inputs.append(x.detach()), fwd(self, x))[1])
+    monkeypatch.setattr(dd.ImageDiscriminator, "forward",
+                        lambda self, x: (inputs.append(x.detach()), fwd(self, x))[1])
     out = str(tmp_path / "r")
-    dd.main(["--data", "synthetic", "--out", out, "--crop-size", "96", "96", "--no-random-mirror", "--num-pictures", "0"] + DD_TINY[:8])
+    dd.main(["--data", "synthetic", "--out", out, "--crop-size", "96", "96", "--no-random-mirror",
+             "--num-pictures", "0"] + DD_TINY[:8])
     padded = [v for v in inputs if v.shape[-2:] == (96, 96)]
     assert len(padded) >= 8                                   # phase A: G's L_ad, D1 real and fake; B: + thresholds
     assert all(v[..., 80:, :].abs().max() == 0 and v[..., 80:].abs().max() == 0 for v in padded)
@@ -1775,3 +1778,19 @@ def test_dd_label_rgb_d2_with_unlabeled_adversarial_runs_past_the_warm_up(tmp_pa
     assert "L_ad on unlabeled images is left out" in capsys.readouterr().err
     args = dd.resolve_args(dd.get_parser().parse_args(["--data", "voc", "--d2-input", "label_rgb"]))
     assert dd.adv_unl_reaches_G(args)                     # with D1 (full method) its term still trains G
+
+
+def test_dd_default_threshold_is_one_minus_d1():
+    """13.14: by default an image that D1 rates fake (sigmoid(D1) near 0, as on every prediction once D1 is trained)
+    gets a strict bar: trusted where sigmoid(D2) > 1 - sigmoid(D1); the literal reading stays `--threshold-mode d1`."""
+    parse = lambda *a: dd.resolve_args(dd.get_parser().parse_args(list(a)))
+    assert parse("--data", "voc").threshold_mode == "one_minus_d1"
+    assert parse("--data", "voc", "--threshold-mode", "d1").threshold_mode == "d1"
+    assert parse("--data", "voc", "--ablation", "static").threshold_mode == "static"
+    conf = torch.tensor([[[0.5, 0.9], [0.97, 0.99]]])
+    z1 = torch.logit(torch.tensor([0.05]))                                  # D1: the map looks fake
+    t = dd.threshold(z1, parse("--data", "voc").threshold_mode, 0.9)
+    _, trusted = dd.loss_semi(torch.randn(1, 3, 2, 2), torch.logit(conf)[:, None], t)
+    assert trusted.tolist() == [[[False, False], [True, True]]]            # > 0.95 only
+    _, literal = dd.loss_semi(torch.randn(1, 3, 2, 2), torch.logit(conf)[:, None], dd.threshold(z1, "d1", 0.9))
+    assert literal.all()                                                    # > 0.05: every pixel
