@@ -1719,8 +1719,8 @@ def test_dd_pad_mask_and_d1_threshold_without_padding():
 
 def test_dd_d1_never_sees_padding_in_training_and_evaluate(tmp_path, monkeypatch):
     """13.13 in the loop: with 80x80 synthetic images padded to 96x96 crops (no flips), every D1 input (the
-    thresholds on unlabeled batches included) is 0 on the padding; evaluate() masks the val padding the same way. 13.16: the full
-    method adds L_ad on unlabeled images after the warm-up."""
+    thresholds on unlabeled batches included) is 0 on the padding; evaluate() masks the val padding the same way.
+    13.16: the full method adds L_ad on unlabeled images after the warm-up."""
     inputs = []
     fwd = dd.ImageDiscriminator.forward
     monkeypatch.setattr(dd.ImageDiscriminator, "forward",
