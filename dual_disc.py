@@ -6,8 +6,7 @@ pixel-level encoder-decoder whose target is not "every generated pixel is fake" 
 C_map (1 where G's argmax equals the ground truth), so that sigmoid(D2) estimates how likely each pixel is correct
 (the paper's Fig. 2). D1 is an image-level discriminator whose probability for an unlabeled image is that image's
 threshold on D2's map: the pixels where sigmoid(D2) > 1 - sigmoid(D1) (the "common trusted region"; direction:
-deviation 5) get G's own argmax
-as pseudo label.
+deviation 5) get G's own argmax as pseudo label.
 
 The paper's text lost every equation, figure and table (method card ../shared/methods/dual_disc.md, sec. 0). The
 losses below are the card's reconstructions from the prose (R = reconstruction), means over the pixels that count:
@@ -872,7 +871,7 @@ def evaluate(model, D, loader, num_classes, device, amp, num_pictures, args, cal
             if dh is not None:
                 conf["hung"] = torch.sigmoid(dh(p).float())[:, 0]
             t = (threshold(d1_unlabeled(d1, p, xs), args.threshold_mode, args.t_static) if d1 is not None
-                 else args.t_static)                          # as in training: D1 sees no padding (deviation 5)
+                 else args.t_static)                          # as in training: D1 sees no padding (deviation 2)
         for k, c in calib.items():
             c.update(conf[k], correct, valid)
         if d2 is not None:
