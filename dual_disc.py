@@ -5,8 +5,8 @@ Idea. Hung et al.'s adversarial set-up (hung2018.py) with a DeepLab-v3+ generato
 pixel-level encoder-decoder whose target is not "every generated pixel is fake" but the referenced confidence map
 C_map (1 where G's argmax equals the ground truth), so that sigmoid(D2) estimates how likely each pixel is correct
 (the paper's Fig. 2). D1 is an image-level discriminator whose probability for an unlabeled image is that image's
-threshold on D2's map: the pixels where sigmoid(D2) > sigmoid(D1) (the "common trusted region") get G's own argmax
-as pseudo label.
+threshold on D2's map: the pixels where sigmoid(D2) > 1 - sigmoid(D1) (the "common trusted region"; direction:
+deviation 5) get G's own argmax as pseudo label.
 
 The paper's text lost every equation, figure and table (method card ../shared/methods/dual_disc.md, sec. 0). The
 losses below are the card's reconstructions from the prose (R = reconstruction), means over the pixels that count:
@@ -14,7 +14,7 @@ losses below are the card's reconstructions from the prose (R = reconstruction),
     (R, card 6)  L_D2   = BCE(D2(G(X)), C_map) over valid pixels                      (G(X) detached)
     (R, card 4)  L_D1   = BCE(D1(Y_onehot), 1) + BCE(D1(G(X) * valid), 0)             (one logit per image)
     (R, card 7)  L_ad   = BCE(D2(G(X)), 1) over valid pixels + BCE(D1(G(X) * valid), 1)   (labeled images)
-    (R, card 8)  L_s    = CE(G(X_u), argmax G(X_u)) over pixels with sigmoid(D2(G(X_u))) > sigmoid(D1(G(X_u)))
+    (R, card 8)  L_s    = CE(G(X_u), argmax G(X_u)) over pixels with sigmoid(D2(G(X_u))) > 1 - sigmoid(D1(G(X_u)))
     (P)          L_G    = L_ce + lambda_ad L_ad + lambda_s L_s,  lambda_ad = 0.01, lambda_s = 0.1
 Schedule (P): 5000 iterations on labeled images training G, D1 and D2; then D1 and D2 are fixed and G also learns
 from unlabeled images. VOC: 20k iterations, batch 10, 321x321; Cityscapes: 40k, batch 2, 512x1024.
@@ -31,32 +31,46 @@ paper says its experiments are based; methods/README rule 3 gives these hung2018
  2. (R) D1 (not described): Hung's trunk (4x4/2 convs 64-128-256-512, LeakyReLU 0.2), a 4x4/2 conv to 1 channel and
     global average pooling -> one logit per image; `--d1-head fc` for GAP of the trunk + a linear layer (Hung's
     "no FCD" variant). D1's fake input is G(X) times the valid mask and its real input the same batch's one-hot
-    ground truth (card 4 allows it), so void and padding pixels are zero on both sides and no real/fake cue.
+    ground truth (card 4 allows it), so void and padding pixels are zero on both sides and no real/fake cue. Where D1
+    sets a threshold (unlabeled batches; the val diagnostic) there is no label, so its map is zeroed at padding only:
+    `pad_mask` (padded pixels are exactly 0 in all three channels after normalisation, real ones never).
  3. (R) D2 (Table 7, figure lost): Hung's trunk as encoder; s4 (default, output stride 16, x4 up-sampling): a
     DeepLab-v3+-style decoder with the OS4 features as skip; s1, s2, s3 as card 5. Interpolation to exact sizes.
  4. (R) Table 6 input designs (figure lost), `--d2-input`: prob (default, C channels), prob_rgb (C + 3), label_rgb
-    (one-hot argmax + RGB, C + 3; no gradient reaches G through it), prob_x_rgb (each map times RGB, 3C).
- 5. (R) Dynamic threshold direction: trusted <=> sigmoid(D2) > sigmoid(D1), per image (the literal reading);
-    `--threshold-mode one_minus_d1` for the other, `static` for Table 3's manual 0.9 (`--t-static`).
+    (one-hot argmax + RGB, C + 3; no gradient reaches G through it, so with D2 alone L_ad on unlabeled images is
+    left out, with a warning), prob_x_rgb (each map times RGB, 3C).
+ 5. (R) Dynamic threshold direction (card 14 #6): trusted <=> sigmoid(D2) > 1 - sigmoid(D1), per image, so an image
+    D1 finds fake gets a strict bar. The card's literal reading, sigmoid(D2) > sigmoid(D1) (`--threshold-mode d1`),
+    trusts every pixel once D1 tells predictions from ground truth (sigmoid(D1) near 0 on predictions): L_s would be
+    unfiltered self-training, against the paper's purpose, "a common region is used to obtain more reliable ground
+    truth for unlabeled data". Measured on the synthetic preset (seed 0, val, when the warm-up ends; README): literal
+    100% of pixels trusted, 80.9% correct inside = overall; 1 - D1: 33.7% trusted, 98.7% correct inside.
+    `static` is Table 3's manual 0.9 (`--t-static`).
  6. (R) L_ad sums the D1 and D2 terms with equal weight, labeled images only (the prose names one lambda_ad);
-    `--lambda-adv-unl` (Hung: 0.001) adds it on unlabeled images after the warm-up. Default 0.
+    on unlabeled images it is Hung's lambda_adv = 0.001 (`--lambda-adv-unl`; methods/README's table for what this
+    paper inherits; the card's 0 is overridden), from the end of the warm-up, when the paper's schedule first uses
+    unlabeled images ("we first train the generator and discriminators with the labeled images for 5000
+    iterations"), not Hung's iteration 0. Table 3's rows without the semi-supervised module use no unlabeled image.
  7. (P, card 10) D1 and D2 are trained on labeled batches only and fixed after the 5000-iteration warm-up;
     `--no-freeze-d-after-warmup` keeps training them on labeled batches. Labeled L_ce + lambda_ad L_ad continue
     after the warm-up (card 14 #10). Phase A never draws an unlabeled batch.
  8. (R) L_s: mean over the trusted pixels, 0 if there are none (Hung's convention); strict ">" as the card writes.
  9. (H) Losses are means over counted pixels; the Hung-style D of deviation 13 takes its ground truth from a
     separate stream over the labeled set, as hung2018.py; Adam betas (0.9, 0.99); poly decay 0.9 for G and the
-    discriminators; 10x learning rate on the new head (ASPP + decoder); Nesterov on (Hung Table 9; this paper says
-    only "momentum 0.9"); no mirroring on VOC; evaluation at 505x505 (VOC) and 512x1024 (Cityscapes); bilinear
-    up-sampling with align_corners=True.
-10. (H) BatchNorm of the backbone: affine frozen, batch statistics (`--freeze-bn-stats` for frozen statistics). The
-    card suggests frozen statistics on Cityscapes (batch 2); rule 3 keeps Hung's choice. Head BN layers are new and
-    trained.
+    discriminators; 10x learning rate on the new head (ASPP + decoder); no mirroring on VOC; evaluation at 505x505
+    (VOC) and 512x1024 (Cityscapes); bilinear up-sampling with align_corners=True.
+10. (H, card 3) BatchNorm: backbone affine frozen; VOC (batch 10) uses batch statistics (Hung), Cityscapes (batch 2)
+    frozen statistics, as card 3 says: "On Cityscapes (batch 2) freeze the BN statistics of the backbone (eval
+    mode), as Hung froze BN." `--freeze-bn-stats` / `--no-freeze-bn-stats` switch it for every BN of G, the head's
+    too: in train mode at batch 2 the ASPP image-pooling BN turns its 2 values per channel into exactly -1 and +1.
+    Frozen head BNs keep their initial statistics (mean 0, variance 1) and learn only their scale and shift.
 11. (D, card 3) DeepLab-v3+ (not in the paper's surviving text): torchvision ResNet-101 (ImageNet V1 weights) with
     layer4 dilated (output stride 16, `--output-stride 8` doubles the ASPP rates), torchvision's ASPP (1x1, rates
     6/12/18, image pooling; its dropout set to 0.1, card 14 #13), decoder 48-channel low-level + 2 x (3x3, 256).
-12. (P) G: SGD lr 1e-3, momentum 0.9, weight decay 1e-4; D1, D2: Adam lr 1e-4 (one Adam over both; Adam's update is
-    per parameter, so this is the same as two). No code was released, so there is no `--official-quirks`.
+12. (P) G: SGD lr 1e-3, momentum 0.9, weight decay 1e-4, as Sec. 4.1 states: "Stochastic Gradient Descent (SGD)
+    [37] with momentum 0.9 and weight decay 10-4 is used as the optimizer". No Nesterov: the paper's own optimiser
+    comes before Hung's Table 9 (`--nesterov` for Hung's). D1, D2: Adam lr 1e-4 (one Adam over both; Adam's update
+    is per parameter, so this is the same as two). No code was released, so there is no `--official-quirks`.
 13. (I) A Hung-style pixel discriminator (hung2018.py's FCDiscriminator, all fakes labeled 0) is trained beside D2 on
     the same detached predictions during the warm-up and never trains G: it only gives Fig. 2's comparison
     (`--no-calib-hung-d` saves its forward and backward passes). The calibration is measured when
@@ -94,16 +108,18 @@ PAPER = dict(
     num_steps=20000, batch_size=10, crop_size=(321, 321), resize=None,              # Sec. 4.1
     random_scale=True, random_mirror=False,                                         # Sec. 4.1; Hung (dev. 9)
     optimizer="sgd", lr=1e-3, head_lr_mult=10, lr_d=1e-4, power=0.9, momentum=0.9,  # Sec. 4.1; Hung (dev. 9)
-    weight_decay=1e-4, nesterov=True, ndf=64,
-    lambda_adv=0.01, lambda_adv_unl=0.0, lambda_semi=0.1, semi_start=5000,          # Sec. 4.1; card 7
-    threshold_mode="d1", t_static=0.9, d1_head="gap", d2_structure="s4", d2_input="prob",   # card 5, 8; Tables 6-7
+    weight_decay=1e-4, nesterov=False, ndf=64, freeze_bn_stats=False,               # Sec. 4.1 (dev. 12); dev. 10
+    lambda_adv=0.01, lambda_adv_unl=0.001, lambda_semi=0.1, semi_start=5000,        # Sec. 4.1; dev. 6 (Hung)
+    threshold_mode="one_minus_d1", t_static=0.9,                                    # dev. 5; Sec. 4.2
+    d1_head="gap", d2_structure="s4", d2_input="prob",                              # card 4-5; Tables 6-7
     d2_real_term=False, freeze_d_after_warmup=True, calib_hung_d=True,
     eval_pad=(505, 505), eval_batch_size=4, save_every=1000, eval_every=0, log_every=20)
 PRESETS = {
     "voc": {},
     # Sec. 4.1: 512x1024, batch 2, 40k iterations; no crop, scale or flip (deviation 14)
+    # and frozen BatchNorm statistics at batch 2 (card 3, deviation 10)
     "cityscapes": dict(num_steps=40000, batch_size=2, crop_size=None, resize=(512, 1024), random_scale=False,
-                       eval_pad=None, eval_batch_size=2),
+                       eval_pad=None, eval_batch_size=2, freeze_bn_stats=True),
     # Not the paper's (deviation 15): small enough for a 2-core CPU in about 5 minutes, and measured to learn
     # (README, "The synthetic dataset"). 80x80 images give 5x5 features at output stride 16, so the ASPP rates are
     # scaled down from 6/12/18 to 1/2/3. From scratch, Adam at 5e-4 as in hung2018.py's synthetic preset.
@@ -112,12 +128,14 @@ PRESETS = {
                       random_scale=False, random_mirror=True, optimizer="adam", lr=5e-4, head_lr_mult=1, ndf=16,
                       semi_start=250, eval_pad=None, eval_batch_size=50, save_every=250, log_every=50),
 }
-# Table 3's rows: which discriminators exist, whether L_s is on and which threshold it uses (deviation 5)
+# Table 3's rows: which discriminators exist, whether L_s is on and which threshold it uses (deviation 5). The rows
+# without the semi-supervised module use no unlabeled image, so no L_ad on unlabeled images either (deviation 6).
+NO_SEMI = dict(lambda_semi=0.0, lambda_adv_unl=0.0)
 ABLATIONS = {
-    "baseline": dict(d1=False, d2=False, lambda_semi=0.0),          # DeepLab-v3+ on labeled images only
-    "d2": dict(d1=False, d2=True, lambda_semi=0.0),                 # + D2 (adversarial loss from D2)
-    "d1": dict(d1=True, d2=False, lambda_semi=0.0),                 # D1 alone (Sec. 4.2: "small improvement")
-    "d1d2": dict(d1=True, d2=True, lambda_semi=0.0),                # + D1
+    "baseline": dict(d1=False, d2=False, **NO_SEMI),                # DeepLab-v3+ on labeled images only
+    "d2": dict(d1=False, d2=True, **NO_SEMI),                       # + D2 (adversarial loss from D2)
+    "d1": dict(d1=True, d2=False, **NO_SEMI),                       # D1 alone (Sec. 4.2: "small improvement")
+    "d1d2": dict(d1=True, d2=True, **NO_SEMI),                      # + D1
     "static": dict(d1=False, d2=True, threshold_mode="static"),     # + semi-supervised, manual threshold 0.9
     "full": dict(d1=True, d2=True),                                 # + D1 as the dynamic threshold
 }
@@ -156,7 +174,9 @@ def get_parser():
     a("--low-level-channels", type=int, help="decoder's reduced layer1 channels (48)")
     a("--decoder-channels", type=int, help="decoder's 3x3 conv channels (256)")
     a("--aspp-dropout", type=float, help="dropout after the ASPP projection (card 14 #13: 0.1)")
-    a("--freeze-bn-stats", action="store_true", help="backbone BN in eval mode (default: batch statistics, Hung)")
+    a("--freeze-bn-stats", action=argparse.BooleanOptionalAction, default=None,
+      help="every BN of G (backbone, ASPP incl. image pooling, decoder) in eval mode (default: VOC batch statistics "
+           "as Hung; Cityscapes frozen, card 3)")
     # discriminators (card 4-5; Tables 6-7)
     a("--ablation", choices=list(ABLATIONS), default="full", help="Table 3 row (default: full method)")
     a("--ndf", type=int, help="discriminator width, channels of the first conv (Hung: 64)")
@@ -179,13 +199,17 @@ def get_parser():
     a("--power", type=float, help="poly decay power (Hung: 0.9)")
     a("--momentum", type=float, help="SGD momentum (Sec. 4.1: 0.9)")
     a("--weight-decay", type=float, help="SGD weight decay (Sec. 4.1: 1e-4)")
-    a("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum (Hung Table 9)")
+    a("--nesterov", action=argparse.BooleanOptionalAction, default=None,
+      help="Nesterov momentum (Sec. 4.1 names plain SGD with momentum 0.9: off; Hung Table 9: on)")
     # method (Sec. 3, 4.1)
     a("--lambda-adv", type=float, help="lambda_ad, weight of L_ad on labeled images (Sec. 4.1: 0.01)")
-    a("--lambda-adv-unl", type=float, help="L_ad weight on unlabeled images (card 7: 0; Hung 0.001)")
+    a("--lambda-adv-unl", type=float,
+      help="L_ad weight on unlabeled images after the warm-up (Hung, methods/README table: 0.001; card 7: 0)")
     a("--lambda-semi", type=float, help="lambda_s, weight of L_s (Sec. 4.1: 0.1)")
     a("--semi-start", type=int, help="labeled-only warm-up; then D1, D2 fixed and L_s on (Sec. 4.1: 5000)")
-    a("--threshold-mode", choices=["d1", "one_minus_d1", "static"], help="trusted region rule (deviation 5)")
+    a("--threshold-mode", choices=["d1", "one_minus_d1", "static"],
+      help="trusted where sigmoid(D2) > 1 - sigmoid(D1) (default), > sigmoid(D1) (d1, the literal reading) or "
+           "> --t-static (deviation 5)")
     a("--t-static", type=float, help="static threshold of Table 3's row without D1 (Sec. 4.2: 0.9)")
     a("--freeze-d-after-warmup", action=argparse.BooleanOptionalAction, default=None,
       help="fix D1 and D2 after the warm-up (Sec. 4.1; deviation 7)")
@@ -222,6 +246,9 @@ def resolve_args(args):
         raise DataError("--semi-start 0 with frozen discriminators: D1 and D2 would set thresholds untrained")
     if args.lambda_adv_unl > 0 and not (args.d1 or args.d2):
         raise DataError(f"--lambda-adv-unl needs a discriminator; --ablation {args.ablation} has none")
+    if args.lambda_adv_unl > 0 and not adv_unl_reaches_G(args):
+        warnings.warn(f"--lambda-adv-unl {args.lambda_adv_unl}: no gradient reaches G from --ablation {args.ablation} "
+                      f"with --d2-input label_rgb (an argmax), so L_ad on unlabeled images is left out")
     if args.batch_size < 2:
         raise DataError("--batch-size must be at least 2: the ASPP image-pooling branch has a BatchNorm over 1x1 maps")
     if not 0 < args.t_static < 1:
@@ -450,7 +477,24 @@ def loss_adv(z1, z2, valid=None):
     return sum(t for t in (l1, l2) if t is not None), l1, l2
 
 
-# (R, card 8): per-image threshold T_u = sigmoid(D1(G(X_u))) (or 1 - it, or the static 0.9), shape (N, 1, 1)
+# Padding without labels. In this project's pipeline (common.TrainTransform, common.EvalTransform) padded image pixels
+# are exactly 0.0 in all three channels after normalisation, and a real pixel never is: an 8-bit value v becomes
+# (v / 255 - mean) / std (imagenet) or v - mean (caffe), and no mean is a multiple of 1/255 (0.485, 0.456, 0.406 are
+# 123.675, 116.28, 103.53 / 255) or an integer (104.008, 116.669, 122.679), so no channel of a real pixel is 0
+# (a test checks all 256 values). Rescaling happens on the 8-bit image before normalisation.
+def pad_mask(x):
+    """(N, 3, H, W) normalised images -> (N, H, W) bool: True at image pixels, False at padding."""
+    return (x != 0).any(1)
+
+
+# D1's logits on images without labels: the map zeroed at padding, as D1's fakes were zeroed at void and padding
+# during training (deviation 2), so padding does not move the threshold. Used in training and in evaluate().
+def d1_unlabeled(d1, prob, x):
+    return d1(prob * pad_mask(x)[:, None]).float()                  # (N,)
+
+
+# (R, card 8): per-image threshold T_u = 1 - sigmoid(D1(G(X_u))) (deviation 5; "d1": sigmoid(D1), "static": 0.9),
+# shape (N, 1, 1)
 def threshold(z1_u, mode, t_static):
     if mode == "static":
         return t_static
@@ -498,11 +542,14 @@ def poly_lr(opt_S, opt_D, i, args):
 
 
 def set_train_mode(model, freeze_bn_stats):
-    """Whole model in train mode (batch statistics, Hung's code); `--freeze-bn-stats`: backbone BN in eval mode."""
+    """Whole model in train mode (batch statistics, Hung's code); `--freeze-bn-stats`: every BatchNorm of G in eval
+    mode, the head's included (at batch 2 the image-pooling BN in train mode normalises 2 values per channel to
+    exactly -1 and +1). The head's BNs then keep their initial statistics (mean 0, variance 1): their affine
+    parameters still learn a scale and shift per channel."""
     model.train()
     if freeze_bn_stats:
-        for m in model.backbone.modules():
-            if isinstance(m, nn.BatchNorm2d):
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
 
 
@@ -566,9 +613,15 @@ def build_data(args, source, labeled, unlabeled, stream_states=None):
     return streams, val, normalize
 
 
+def adv_unl_reaches_G(args):
+    """Whether L_ad on unlabeled images can train G: D1's term always can; D2's not through --d2-input label_rgb
+    (an argmax has no gradient)."""
+    return args.lambda_adv_unl > 0 and (args.d1 or (args.d2 and args.d2_input != "label_rgb"))
+
+
 def use_unlabeled(args, unlabeled):
     return (len(unlabeled) > 0 and args.semi_start < args.num_steps
-            and (args.lambda_semi > 0 or (args.lambda_adv_unl > 0 and (args.d1 or args.d2))))
+            and (args.lambda_semi > 0 or adv_unl_reaches_G(args)))
 
 
 # ================================================================================================================
@@ -617,12 +670,13 @@ def train(args, run_dir, model, D, opt_S, opt_D, streams, val_loader, normalize,
         # (1) generator on an unlabeled batch (phase B): lambda_s L_s over the common trusted region (+ L_ad_u)
         if "unlabeled" in streams and not warm:
             x_u = to_dev(next(streams["unlabeled"])[0], image=True)   # its labels are never read
+            adv_u = adv_unl_reaches_G(args)                           # deviation 6
             with torch.autocast(**amp):
                 pred_u = up(model(x_u).float(), x_u.shape[-2:])       # (N, C, H, W) logits
                 p_u = F.softmax(pred_u, 1)
-                p_in = p_u if args.lambda_adv_unl > 0 else p_u.detach()   # no graph through D1, D2 unless L_ad_u
-                need_d1 = d1 is not None and (args.threshold_mode != "static" or args.lambda_adv_unl > 0)
-                z1_u = d1(p_in).float() if need_d1 else None          # (N,): the dynamic thresholds
+                p_in = p_u if adv_u else p_u.detach()                 # no graph through D1, D2 unless L_ad_u
+                need_d1 = d1 is not None and (args.threshold_mode != "static" or adv_u)
+                z1_u = d1_unlabeled(d1, p_in, x_u) if need_d1 else None   # (N,): the thresholds, padding masked
                 z2_u = d2(d2_input(p_in, x_u, args.d2_input)).float() if d2 is not None else None   # (N, 1, H, W)
             loss_u = 0
             if args.lambda_semi > 0:
@@ -632,7 +686,7 @@ def train(args, run_dir, model, D, opt_S, opt_D, streams, val_loader, normalize,
                 acc("loss_semi", l_semi), acc("trusted", trusted.float().mean())
                 if torch.is_tensor(t_u):
                     acc("threshold", t_u.mean())
-            if args.lambda_adv_unl > 0:                              # deviation 6: off by default
+            if adv_u:                                                # deviation 6 (label_rgb-only D2: skipped)
                 l_adv_u = loss_adv(z1_u, z2_u)[0]
                 loss_u = loss_u + args.lambda_adv_unl * l_adv_u
                 acc("loss_adv_u", l_adv_u)
@@ -817,7 +871,8 @@ def evaluate(model, D, loader, num_classes, device, amp, num_pictures, args, cal
                 conf["d2"] = torch.sigmoid(d2(d2_input(p, xs, args.d2_input)).float())[:, 0]
             if dh is not None:
                 conf["hung"] = torch.sigmoid(dh(p).float())[:, 0]
-            t = threshold(d1(p).float(), args.threshold_mode, args.t_static) if d1 is not None else args.t_static
+            t = (threshold(d1_unlabeled(d1, p, xs), args.threshold_mode, args.t_static) if d1 is not None
+                 else args.t_static)                          # as in training: D1 sees no padding (deviation 2)
         for k, c in calib.items():
             c.update(conf[k], correct, valid)
         if d2 is not None:

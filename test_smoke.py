@@ -1374,7 +1374,7 @@ def test_dd_end_to_end_synthetic_with_calibration(tmp_path):
         assert sum(c["share_of_correct"]) == pytest.approx(1, abs=1e-3)
         assert sum(c["share_of_incorrect"]) == pytest.approx(1, abs=1e-3)
     t = cal["trusted_region"]
-    assert t["threshold_mode"] == "d1" and 0 <= t["fraction_of_pixels"] <= 1
+    assert t["threshold_mode"] == "one_minus_d1" and 0 <= t["fraction_of_pixels"] <= 1
     assert t["accuracy_all"] == pytest.approx(m["pixel_acc"], abs=1e-6)
     with Image.open(os.path.join(out, "calibration.png")) as im:
         assert im.size[0] > 600
@@ -1570,9 +1570,10 @@ def test_dd_phases_unlabeled_and_discriminator_updates(tmp_path, monkeypatch):
     assert os.path.isfile(os.path.join(out, "calibration_warmup.png"))        # card 15.8: measured at that point
     assert "loss_D2" in log[1] and "loss_D2" not in log[2] and "loss_semi" in log[2] and "loss_ce" in log[3]
     # phase A: G's L_ad through a frozen D2 (graph to G), then D2's own step on detached maps; phase B: the trusted
-    # region is read from a frozen D2 on a detached map, and L_ad on the labeled batch still flows through it
+    # region is read from a frozen D2 on the unlabeled map, whose graph serves L_ad on unlabeled images (Hung's 0.001),
+    # and L_ad on the labeled batch still flows through it
     assert d_calls[:2] == [(False, True), (True, False)]
-    assert d_calls[4:6] == [(False, False), (False, True)]
+    assert d_calls[4:6] == [(False, True), (False, True)]
 
 
 def test_dd_last_batch_of_one_is_dropped(tmp_path):
@@ -2030,3 +2031,145 @@ def test_h1_lc_loss_latent_default_is_eq2_over_NHW_with_void_pixels():
     V = int((y != 255).sum())
     assert lc.loss_latent(prob_l, y, C, norm="valid")[0].item() == pytest.approx(float(direct) * N * H * W / V, rel=1e-6)
     assert lc.resolve_args(lc.get_parser().parse_args(["--data", "voc"])).latent_norm == "all"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# H3: dual_disc fidelity fixes (issue 13, items 12-17)
+# ---------------------------------------------------------------------------------------------------------------
+def _dd_small_g(num_classes=6):
+    return dd.DeepLabV3Plus(num_classes, "resnet14", 16, aspp_rates=(1, 2, 3), aspp_channels=16,
+                            low_level_channels=8, decoder_channels=16)
+
+
+def test_dd_freeze_bn_stats_reaches_the_head_and_cityscapes_default():
+    """13.12: --freeze-bn-stats puts every BatchNorm of G in eval mode, the ASPP image-pooling BN and the decoder's
+    included; at batch 2 that BN no longer outputs exactly -1/+1 per channel. Cityscapes (batch 2) freezes by
+    default (card 3), VOC keeps Hung's batch statistics."""
+    torch.manual_seed(0)
+    model = _dd_small_g()
+    pool_bn = model.aspp.convs[4][2]
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert pool_bn in bns and model.decoder[1] in bns and model.reduce[1] in bns
+    seen = {}
+    pool_bn.register_forward_hook(lambda m, i, o: seen.__setitem__("out", o.detach()))
+    x = torch.randn(2, 3, 64, 64)
+    dd.set_train_mode(model, False)                       # control: batch statistics over 2 values per channel
+    model(x)
+    assert torch.allclose(seen["out"].abs(), torch.ones_like(seen["out"]), atol=0.05)
+    dd.set_train_mode(model, True)
+    assert all(not m.training for m in bns) and model.training and model.aspp.project[3].training   # dropout on
+    model(x)
+    assert not torch.allclose(seen["out"].abs(), torch.ones_like(seen["out"]), atol=0.05)
+    parse = lambda *a: dd.resolve_args(dd.get_parser().parse_args(list(a)))
+    assert parse("--data", "cityscapes").freeze_bn_stats is True
+    assert parse("--data", "cityscapes", "--no-freeze-bn-stats").freeze_bn_stats is False
+    assert parse("--data", "voc").freeze_bn_stats is False
+    assert parse("--data", "voc", "--freeze-bn-stats").freeze_bn_stats is True
+
+
+def test_dd_pad_mask_and_d1_threshold_without_padding():
+    """13.13: padded pixels are exactly 0 in all channels after normalisation, real pixels never (every 8-bit value,
+    imagenet and caffe means); D1's threshold input is zeroed at padding, and unchanged for an unpadded image."""
+    values = np.arange(256, dtype=np.uint8)[:, None, None].repeat(3, 2)
+    for norm in (common.Normalize("imagenet"), common.Normalize("caffe"), common.Normalize("caffe", bgr=False)):
+        assert (norm(values) != 0).all()
+    rng = np.random.RandomState(0)
+    small = rng.randint(0, 256, (30, 36, 3)).astype(np.uint8)
+    full = rng.randint(0, 256, (48, 48, 3)).astype(np.uint8)
+    norm = common.Normalize("imagenet")
+    tf = common.TrainTransform(norm, crop=(48, 48))
+    x0 = tf(small, np.zeros((30, 36), np.uint8), random.Random(0))[0]
+    x1 = tf(full, np.zeros((48, 48), np.uint8), random.Random(0))[0]
+    xe = common.EvalTransform(norm, pad_to=(48, 48))(small, np.zeros((30, 36), np.uint8))[0]
+    x = torch.stack([x0, x1])                                            # (2, 3, 48, 48): padded, not padded
+    expected = torch.zeros(2, 48, 48, dtype=torch.bool)
+    expected[0, :30, :36] = True
+    expected[1] = True
+    assert torch.equal(dd.pad_mask(x), expected) and torch.equal(dd.pad_mask(xe[None])[0], expected[0])
+    torch.manual_seed(0)
+    d1 = dd.ImageDiscriminator(6, ndf=8)
+    p = F.softmax(torch.randn(2, 6, 48, 48), 1)
+    z = dd.d1_unlabeled(d1, p, x)
+    assert z[0] == d1(p * expected[:, None].float())[0] and z[0] != d1(p)[0]      # padding does not count
+    assert z[1] == d1(p)[1]                                                         # no padding: unchanged
+    t = dd.threshold(z, "d1", 0.9)
+    assert t[1].item() == dd.threshold(d1(p), "d1", 0.9)[1].item()
+
+
+def test_dd_d1_never_sees_padding_in_training_and_evaluate(tmp_path, monkeypatch):
+    """13.13 in the loop: with 80x80 synthetic images padded to 96x96 crops (no flips), every D1 input (the
+    thresholds on unlabeled batches included) is 0 on the padding; evaluate() masks the val padding the same way.
+    13.16: the full method adds L_ad on unlabeled images after the warm-up."""
+    inputs = []
+    fwd = dd.ImageDiscriminator.forward
+    monkeypatch.setattr(dd.ImageDiscriminator, "forward",
+                        lambda self, x: (inputs.append(x.detach()), fwd(self, x))[1])
+    out = str(tmp_path / "r")
+    dd.main(["--data", "synthetic", "--out", out, "--crop-size", "96", "96", "--no-random-mirror",
+             "--num-pictures", "0"] + DD_TINY[:8])
+    padded = [v for v in inputs if v.shape[-2:] == (96, 96)]
+    assert len(padded) >= 8                                   # phase A: G's L_ad, D1 real and fake; B: + thresholds
+    assert all(v[..., 80:, :].abs().max() == 0 and v[..., 80:].abs().max() == 0 for v in padded)
+    log = read_log(out)
+    assert all(math.isfinite(r["loss_adv_u"]) and 0 <= r["threshold"] <= 1 for r in log[2:])
+    assert all("loss_adv_u" not in r for r in log[:2])
+    # evaluate(): one val batch padded to 40x40 (like VOC's 505x505)
+    norm = common.Normalize("imagenet")
+    tf = common.EvalTransform(norm, pad_to=(40, 40))
+    rng = np.random.RandomState(1)
+    pairs = [tf(rng.randint(0, 256, (h, w, 3)).astype(np.uint8), rng.randint(0, 6, (h, w)).astype(np.uint8))
+             for h, w in ((34, 30), (40, 40))]
+    batch = [(torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs]), None)]
+    args = dd.resolve_args(dd.get_parser().parse_args(["--data", "synthetic", "--ndf", "8"]))
+    D = dd.build_discriminators(6, args)
+    inputs.clear()
+    amp = dict(device_type="cpu", dtype=torch.bfloat16, enabled=False)
+    _, calib, _ = dd.evaluate(_dd_small_g(), D, batch, 6, "cpu", amp, 0, args)
+    assert len(inputs) == 1 and inputs[0][0, :, 34:].abs().max() == 0 and inputs[0][0, :, :, 30:].abs().max() == 0
+    assert inputs[0][1].abs().min() > 0 and 0 <= calib["trusted_region"]["fraction_of_pixels"] <= 1
+
+
+def test_dd_paper_optimiser_and_unlabeled_adversarial_defaults():
+    """13.15: Sec. 4.1 names SGD with momentum 0.9 and weight decay 1e-4, no Nesterov (--nesterov keeps it).
+    13.16: lambda_adv on unlabeled images is Hung's 0.001 (methods/README table) where the semi-supervised module
+    runs, 0 in Table 3's rows without it."""
+    parse = lambda *a: dd.resolve_args(dd.get_parser().parse_args(list(a)))
+    model = _dd_small_g(21)
+    args = parse("--data", "voc", "--ndf", "8")
+    opt_S, _ = dd.make_optimizers(model, dd.build_discriminators(21, args), args)
+    assert args.nesterov is False and all(not g["nesterov"] for g in opt_S.param_groups)
+    args = parse("--data", "voc", "--ndf", "8", "--nesterov")
+    opt_S, _ = dd.make_optimizers(model, dd.build_discriminators(21, args), args)
+    assert all(g["nesterov"] for g in opt_S.param_groups)
+    lam = {a: parse("--data", "voc", "--ablation", a).lambda_adv_unl for a in dd.ABLATIONS}
+    assert lam == {"baseline": 0, "d2": 0, "d1": 0, "d1d2": 0, "static": 0.001, "full": 0.001}
+    assert parse("--data", "voc", "--lambda-adv-unl", "0").lambda_adv_unl == 0
+
+
+def test_dd_label_rgb_d2_with_unlabeled_adversarial_runs_past_the_warm_up(tmp_path, capsys):
+    """13.17: D2 on the argmax label map (Table 6 design 3) gives no gradient to G, so L_ad on unlabeled images has
+    nothing to train with D2 alone: the term is left out with a warning instead of crashing in backward()."""
+    out = str(tmp_path / "r")
+    dd.main(["--data", "synthetic", "--out", out, "--ablation", "d2", "--d2-input", "label_rgb",
+             "--lambda-adv-unl", "0.001", "--num-pictures", "0"] + DD_TINY[:8])
+    log = read_log(out)
+    assert [r["iter"] for r in log] == [1, 2, 3, 4] and all("loss_adv_u" not in r for r in log)
+    assert "L_ad on unlabeled images is left out" in capsys.readouterr().err
+    args = dd.resolve_args(dd.get_parser().parse_args(["--data", "voc", "--d2-input", "label_rgb"]))
+    assert dd.adv_unl_reaches_G(args)                     # with D1 (full method) its term still trains G
+
+
+def test_dd_default_threshold_is_one_minus_d1():
+    """13.14: by default an image that D1 rates fake (sigmoid(D1) near 0, as on every prediction once D1 is trained)
+    gets a strict bar: trusted where sigmoid(D2) > 1 - sigmoid(D1); the literal reading stays `--threshold-mode d1`."""
+    parse = lambda *a: dd.resolve_args(dd.get_parser().parse_args(list(a)))
+    assert parse("--data", "voc").threshold_mode == "one_minus_d1"
+    assert parse("--data", "voc", "--threshold-mode", "d1").threshold_mode == "d1"
+    assert parse("--data", "voc", "--ablation", "static").threshold_mode == "static"
+    conf = torch.tensor([[[0.5, 0.9], [0.97, 0.99]]])
+    z1 = torch.logit(torch.tensor([0.05]))                                  # D1: the map looks fake
+    t = dd.threshold(z1, parse("--data", "voc").threshold_mode, 0.9)
+    _, trusted = dd.loss_semi(torch.randn(1, 3, 2, 2), torch.logit(conf)[:, None], t)
+    assert trusted.tolist() == [[[False, False], [True, True]]]            # > 0.95 only
+    _, literal = dd.loss_semi(torch.randn(1, 3, 2, 2), torch.logit(conf)[:, None], dd.threshold(z1, "d1", 0.9))
+    assert literal.all()                                                    # > 0.05: every pixel
