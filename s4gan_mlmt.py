@@ -142,7 +142,8 @@ def get_parser():
     a("--out", help="run folder (default runs/s4gan_mlmt_<data>_<labeled>_seed<seed>_<time>)")
     a("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (its own arguments are used)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--workers", type=int, help="data loader processes (default: 0 on CPU, min(8, cores) on CUDA)")
+    a("--workers", type=int, help="data loader processes per image stream (default: 0 on CPU; on CUDA the CPUs this "
+                                  "process may use, less one, shared over the 3 image streams: common.default_workers)")
     a("--no-amp", action="store_true", help="float32 on CUDA instead of bf16 autocast")
     a("--stage", choices=["both", "s4gan", "mlmt"],
       help="both: s4GAN, then MLMT, then the fused evaluation (default; Cityscapes: s4gan, as in the paper)")
@@ -228,7 +229,7 @@ def resolve_args(args):
         if getattr(args, k) is not None:
             setattr(args, k, tuple(getattr(args, k)))
     if args.workers is None:
-        args.workers = min(8, os.cpu_count() or 1) if args.device.startswith("cuda") else 0
+        args.workers = common.default_workers(args.device, image_streams=3, label_streams=0)
     if not 0 < args.gamma < 1 or not 0 < args.tau < 1:
         raise DataError(f"--gamma and --tau are thresholds on probabilities, in (0, 1); got {args.gamma}, {args.tau}")
     if args.mlmt_scores and args.stage == "mlmt":
@@ -653,15 +654,15 @@ def build_data(args, source, labeled, unlabeled, stream_states=None):
     pin = args.device.startswith("cuda")
     states = stream_states or {}
     make = lambda name, ds, k: common.InfiniteLoader(ds, args.batch_size, args.seed * 3 + k, args.workers, pin,
-                                                     states.get(name, (0, 0)))
+                                                     states.get(name, (0, 0)), device=args.device)
     streams = {"labeled": make("labeled", common.SegDataset(source, labeled, train_tf, args.seed), 0)}
     if use_D(args):
         # card 5.1 "Full": with every image labeled, the unlabeled stream is the labeled set with its labels unread
         streams["unlabeled"] = make("unlabeled", common.SegDataset(source, unlabeled or labeled, train_tf,
                                                                    args.seed + 1), 1)
         streams["gt"] = make("gt", common.SegDataset(source, labeled, train_tf, args.seed + 2), 2)
-    val = torch.utils.data.DataLoader(common.SegDataset(source, source.splits["val"], eval_tf), args.eval_batch_size,
-                                      num_workers=args.workers, pin_memory=pin)
+    val = common.EvalLoader(common.SegDataset(source, source.splits["val"], eval_tf), args.eval_batch_size,
+                            args.workers, args.device)
     return streams, val, eval_normalize
 
 
@@ -763,8 +764,7 @@ def train(args, run_dir, model, D, opt_S, opt_D, streams, val_loader, start, cla
     stop = min(args.num_steps, args.stop_at or args.num_steps)
     meter = Meter(LOG_KEYS, device)
 
-    def to_dev(t, image=False):
-        t = t.to(device, non_blocking=True)
+    def to_dev(t, image=False):       # batches arrive on the device, normalised, labels int64 (common.InfiniteLoader)
         return t.contiguous(memory_format=torch.channels_last) if image else t
 
     set_train_mode(model, args.freeze_bn_stats)
@@ -1032,7 +1032,6 @@ def evaluate(model, loader, num_classes, device, amp, scores=None, tau=0.2, offi
     cm, cm_fused = common.ConfusionMatrix(num_classes, device), common.ConfusionMatrix(num_classes, device)
     pictures = []
     for x, y, ids in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(**amp):
             pred = up(model(x).float(), y.shape[-2:])        # logits at the label's size
         seg = pred.argmax(1)
