@@ -679,7 +679,8 @@ def class_vector(label, num_classes):
 
 
 class MLMTDataset(torch.utils.data.Dataset):
-    """Card 3.7: the image resized to size x size (aspect not kept), ImageNet-normalised. Training yields a weak view
+    """Card 3.7: the image resized to size x size (aspect not kept), as uint8 (3, H, W); the training loop
+    ImageNet-normalises it on the device (`self.normalize.batch`, common.Normalize). Training yields a weak view
     (random flip) and a strong view (own flip, colour jitter 0.4/0.4/0.4/0.1, Gaussian blur sigma U(0.1, 2)); evaluation
     yields the resized image twice. With `with_labels`, the class vector of the mask; otherwise zeros (never read)."""
 
@@ -696,8 +697,8 @@ class MLMTDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.ids)
 
-    def _tensor(self, im):
-        return torch.from_numpy(np.ascontiguousarray(self.normalize(np.asarray(im)).transpose(2, 0, 1)))
+    def _tensor(self, im):                 # uint8 (3, H, W): a quarter of float32's bytes to the device
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)))
 
     def __getitem__(self, i):
         img, lab = self.source.read(self.ids[i])
@@ -913,6 +914,7 @@ def train_mlmt(args, run_dir, source, labeled, unlabeled, class_names):
                 batch = next(unl_it)
             xw_u, xs_u, _ = batch
             xw_l, xs_l, z_l, xw_u, xs_u = (t.to(device, non_blocking=True) for t in (xw_l, xs_l, z_l, xw_u, xs_u))
+            xw_l, xs_l, xw_u, xs_u = (lab_ds.normalize.batch(t) for t in (xw_l, xs_l, xw_u, xs_u))   # on the device
             with torch.autocast(**amp):
                 s_l = student(xw_l)                                         # (N_l, C) logits
                 with torch.no_grad():
@@ -961,7 +963,7 @@ def evaluate_mlmt(teacher, student, val_ds, device, amp, args):
     outs = {"teacher": [], "student": []}
     targets = []
     for x, _, z in loader:
-        x = x.to(device)
+        x = val_ds.normalize.batch(x.to(device))            # uint8 -> ImageNet-normalised float32 on the device
         with torch.autocast(**amp):
             outs["teacher"].append(torch.sigmoid(teacher(x).float()).cpu())
             outs["student"].append(torch.sigmoid(student(x).float()).cpu())
