@@ -104,7 +104,7 @@ class Normalize:
             r = torch.arange(h, device=x.device).view(1, h, 1)
             c = torch.arange(w, device=x.device).view(1, 1, w)
             inside = (r >= b[:, 0]) & (r < b[:, 2]) & (c >= b[:, 1]) & (c < b[:, 3])       # (N, H, W)
-            x = torch.where(inside[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+            x = torch.where(inside[:, None], x, 0.0)                                       # +0.0
         return x
 
 

@@ -62,6 +62,7 @@ Deviations and choices (paper / released code sud0301/semisup-semseg / this scri
 import argparse
 import csv
 import datetime
+import itertools
 import json
 import math
 import os
@@ -700,7 +701,8 @@ class MLMTDataset(torch.utils.data.Dataset):
     def _tensor(self, im):                 # uint8 (3, H, W): a quarter of float32's bytes to the device
         return torch.from_numpy(np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)))
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):             # an index, or a (pass, index) pair from mlmt_batches' samplers
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         img, lab = self.source.read(self.ids[i])
         z = class_vector(lab, self.C) if self.with_labels else np.zeros(self.C, np.float32)
         base = Image.fromarray(img)
@@ -709,7 +711,7 @@ class MLMTDataset(torch.utils.data.Dataset):
         if not self.train:
             x = self._tensor(base)
             return x, x, torch.from_numpy(z)
-        seed = hash((self.seed, self.epoch, i)) & 0xFFFFFFFF
+        seed = hash((self.seed, epoch, i)) & 0xFFFFFFFF
         rng = random.Random(seed)
         flip = lambda im: im.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else im
         weak, strong = flip(base), flip(base)                       # flipped independently (card 3.7)
@@ -720,11 +722,41 @@ class MLMTDataset(torch.utils.data.Dataset):
         return self._tensor(weak), self._tensor(strong), torch.from_numpy(z)
 
 
-def epoch_batches(dataset, batch_size, seed, epoch, workers, pin):
-    """One pass over `dataset` in a seeded order (the last batch may be partial, card 5.3)."""
-    dataset.set_epoch(epoch)
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 1000003 + epoch)).tolist()
-    return iter(torch.utils.data.DataLoader(dataset, batch_size, sampler=order, num_workers=workers, pin_memory=pin))
+def mlmt_batches(lab_ds, unl_ds, batch_size, batch_size_unl, seed, start_epoch, workers, pin):
+    """Endless (labeled, unlabeled) batch pairs from epoch `start_epoch` on, two loaders created once (persistent
+    workers). Labeled epoch e is one pass in the seeded order of seed `seed` and pass e (the last batch may be
+    partial, card 5.3); its unlabeled partners are passes e * 1000, e * 1000 + 1, ... over the unlabeled images
+    (seed `seed + 1`), restarted every epoch, as many batches as the labeled pass has. Augmentations depend on
+    (seed, pass, index) only, so a run resumed at an epoch draws the same batches."""
+    lab = common.EpochBatchSampler(len(lab_ds), batch_size, seed, state=(start_epoch, 0))
+    unl = common.EpochBatchSampler(len(unl_ds), batch_size_unl, seed + 1)
+    steps = lab.batches_per_pass()
+
+    def unl_batches():
+        for epoch in itertools.count(start_epoch):
+            taken, p = 0, 0
+            while taken < steps:
+                order = unl.order(epoch * 1000 + p)
+                for b in range(0, len(order), batch_size_unl):
+                    if taken == steps:
+                        break
+                    yield [(epoch * 1000 + p, i) for i in order[b:b + batch_size_unl]]
+                    taken += 1
+                p += 1
+
+    kw = dict(num_workers=workers, pin_memory=pin, **(dict(persistent_workers=True) if workers else {}))
+    return (zip(torch.utils.data.DataLoader(lab_ds, batch_sampler=lab, **kw),
+                torch.utils.data.DataLoader(unl_ds, batch_sampler=_Batches(unl_batches), **kw)), steps)
+
+
+class _Batches(torch.utils.data.Sampler):
+    """A batch sampler from a generator function (endless; iterated once)."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def __iter__(self):
+        return self.make()
 
 
 # ================================================================================================================
@@ -889,7 +921,8 @@ def train_mlmt(args, run_dir, source, labeled, unlabeled, class_names):
     # "Full" (no unlabeled image): the labeled images serve as unlabeled ones too, as in the s4GAN branch
     unl_ds = MLMTDataset(source, unlabeled or labeled, args.mlmt_size, C, args.seed + 11, with_labels=False)
     val_ds = MLMTDataset(source, source.splits["val"], args.mlmt_size, C, train=False)
-    steps = math.ceil(len(labeled) / args.mlmt_batch_size)
+    batches, steps = mlmt_batches(lab_ds, unl_ds, args.mlmt_batch_size, args.mlmt_batch_size_unl, args.seed + 10,
+                                  start, args.workers, pin)                # loaders made once (persistent workers)
     print(f"MLMT: {args.mlmt_backbone} ({args.mlmt_init}), {args.mlmt_epochs} epochs of {steps} steps "
           f"({args.mlmt_batch_size} labeled + {args.mlmt_batch_size_unl} unlabeled images), consistency {args.cons}; "
           f"starting at epoch {start}")
@@ -903,16 +936,8 @@ def train_mlmt(args, run_dir, source, labeled, unlabeled, class_names):
         w = args.lambda_cons * cons_weight(epoch, args.burn_in, args.ramp_epochs)
         student.train(), teacher.train()            # the teacher's BN statistics follow its own batches (dev. 11)
         t0, images = time.time(), 0
-        lab_it = epoch_batches(lab_ds, args.mlmt_batch_size, args.seed + 10, epoch, args.workers, pin)
-        unl_pass, unl_it = 0, None
-        for xw_l, xs_l, z_l in lab_it:
-            batch = next(unl_it, None) if unl_it is not None else None
-            if batch is None:                       # the unlabeled order restarts every epoch (card 5.3)
-                unl_it = epoch_batches(unl_ds, args.mlmt_batch_size_unl, args.seed + 11, epoch * 1000 + unl_pass,
-                                       args.workers, pin)
-                unl_pass += 1
-                batch = next(unl_it)
-            xw_u, xs_u, _ = batch
+        for (xw_l, xs_l, z_l), (xw_u, xs_u, _) in itertools.islice(batches, steps):   # one labeled pass; the
+            # unlabeled order restarts every epoch (card 5.3), its passes numbered epoch * 1000 + k (mlmt_batches)
             xw_l, xs_l, z_l, xw_u, xs_u = (t.to(device, non_blocking=True) for t in (xw_l, xs_l, z_l, xw_u, xs_u))
             xw_l, xs_l, xw_u, xs_u = (lab_ds.normalize.batch(t) for t in (xw_l, xs_l, xw_u, xs_u))   # on the device
             with torch.autocast(**amp):
@@ -1151,6 +1176,7 @@ def run(argv=None):
             print(f"stopped at iteration {stop} (--stop-at); continue with --resume {run_dir}")
             return None
         metrics["iteration"] = stop
+        streams.clear()                        # their persistent workers end before MLMT's loaders start
     if do_mlmt:
         mlmt = train_mlmt(args, run_dir, source, labeled, unlabeled, class_names)
         metrics["mlmt"] = {k: v for k, v in mlmt.items() if k != "scores"}
