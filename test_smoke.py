@@ -1761,3 +1761,29 @@ def test_h4_persistent_workers_draw_new_augmentations_every_pass():
     assert sorted(seen) == sorted(ds.ids) and all(len(v) == 2 for v in seen.values())
     assert all(not torch.equal(a[0], b[0]) for a, b in seen.values())      # no augmentation repeated across passes
     assert loader.state() == [1, 2]
+
+
+def test_h4_mlmt_batches_equal_the_per_epoch_loaders():
+    """s4gan_mlmt's MLMT stream, now two loaders made once: the same batches as one DataLoader per labeled epoch and
+    per unlabeled pass (passes epoch * 1000 + k, restarted every epoch, the last partial batch kept), also when
+    started at a later epoch (resume)."""
+    import itertools
+    import s4gan_mlmt as s4
+    src = common.SyntheticSource(24, 12, 2, seed=1)
+    lab_ds = s4.MLMTDataset(src, src.splits["train"][:5], 16, 6, seed=3)
+    unl_ds = s4.MLMTDataset(src, src.splits["train"][5:9], 16, 6, seed=4, with_labels=False)   # passes of 3 + 1
+    order = lambda seed, p, n: torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + p)).tolist()
+    stack = lambda ds, p, idx: [torch.stack(t) for t in zip(*[ds[(p, i)] for i in idx])]
+    expected = []                                                       # the old per-epoch loaders, by hand
+    for epoch in range(3):
+        unl = [b for p in range(3) for o in [order(11, epoch * 1000 + p, 4)]
+               for b in [(epoch * 1000 + p, o[0:3]), (epoch * 1000 + p, o[3:])]]
+        o = order(10, epoch, 5)
+        expected += [(stack(lab_ds, epoch, o[b:b + 2]), stack(unl_ds, *unl[k])) for k, b in enumerate((0, 2, 4))]
+    for start in (0, 1):
+        batches, steps = s4.mlmt_batches(lab_ds, unl_ds, 2, 3, 10, start, 0, False)
+        assert steps == 3
+        got = list(itertools.islice(batches, 3 * (3 - start)))
+        for (gl, gu), (el, eu) in zip(got, expected[3 * start:]):
+            assert all(torch.equal(a, b) for a, b in zip(gl, el)) and all(torch.equal(a, b) for a, b in zip(gu, eu))
+        assert gl[0].dtype == torch.uint8 and len(got) == 3 * (3 - start)
