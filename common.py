@@ -4,8 +4,11 @@ Only what is the *same protocol* for every paper lives here: the datasets (PASCA
 Stanford Background, PASCAL-Context, and an embedded synthetic dataset), joint image/label transforms, labeled/unlabeled splits, the
 confusion-matrix mIoU, the boundary F1 score (BF), and colour palettes. Everything that is part of a method (networks, losses, training loop) stays in its own script.
 
-Datasets yield `(image, label, id)`: image a float32 tensor (3, H, W) already normalised the way the network's
-weights expect (`Normalize`), label an int64 tensor (H, W) with values 0..C-1 or 255 = ignore.
+Datasets yield `(image, label, box, id)`: image a uint8 RGB tensor (3, H, W), label a uint8 tensor (H, W) with values
+0..C-1 or 255 = ignore, box the image's valid (unpadded) rectangle. The loaders (`InfiniteLoader`, `EvalLoader`) move
+whole batches to the device and only there normalise them the way the network's weights expect (`Normalize.batch`,
+padding 0.0) and widen the labels to int64: a quarter of the bytes of float32 images cross the process and PCIe
+boundaries.
 
 Bad input raises `DataError` with a message that says what to do; the scripts print it as one line and exit 2.
 """
@@ -30,7 +33,8 @@ class DataError(Exception):
 # Normalisation (must follow the weights: hung2018 card 4.2 caveat 2, methods/README "input normalisation")
 # ----------------------------------------------------------------------------------------------------------------
 class Normalize:
-    """uint8 RGB (H, W, 3) -> float32 (H, W, 3), in the layout a set of weights was trained on.
+    """uint8 RGB (H, W, 3) -> float32 (H, W, 3), in the layout a set of weights was trained on. `batch` does the same
+    on a uint8 (N, 3, H, W) batch on any device (the loaders use it, on the GPU); both give the same float32 values.
 
     mode "imagenet": torchvision weights, RGB / 255, minus mean (0.485, 0.456, 0.406), over std (0.229, 0.224, 0.225).
     mode "caffe":    Caffe DeepLab weights, 0-255 minus the BGR mean (104.008, 116.669, 122.679) of DeepLab-v2,
@@ -46,7 +50,7 @@ class Normalize:
     def __init__(self, mode="imagenet", bgr=True, mean=None, std=(1.0, 1.0, 1.0), div=1.0):
         if mode not in ("imagenet", "caffe", "custom") or (mode == "custom") != (mean is not None):
             raise ValueError(f"unknown normalisation {mode!r} (mean is given with mode 'custom' only)")
-        self.mode, self.bgr = mode, bgr
+        self.mode, self.bgr, self._cache = mode, bgr, {}
         if mode == "custom":
             self.mean, self.std, self.div = np.float32(mean), np.float32(std), np.float32(div)
 
@@ -59,6 +63,49 @@ class Normalize:
             return ((x / self.div - self.mean) / self.std).astype(np.float32)
         x = x - np.float32(self.CAFFE_MEAN_BGR[::-1])      # subtract per channel, still RGB order
         return x[:, :, ::-1].copy() if self.bgr else x      # (H, W, 3) in BGR or RGB order
+
+    def _constants(self, device):
+        """(div, mean, std) as float32 (1, 3, 1, 1) tensors on `device`, in the output's channel order; made once per
+        device (no host-to-device copy per batch). Divisors are tensors, not Python numbers: CUDA turns a division by
+        a scalar into a multiplication by its reciprocal, which can differ from numpy's division in the last bit."""
+        key = str(device)
+        if key not in self._cache:
+            if self.mode == "imagenet":
+                div, mean, std = np.float32(255.0), np.float32(self.IMAGENET_MEAN), np.float32(self.IMAGENET_STD)
+            elif self.mode == "custom":
+                div, mean, std = self.div, self.mean, self.std
+            else:
+                mean = np.float32(self.CAFFE_MEAN_BGR[::-1])    # RGB order: subtracted before the channel flip
+                div, std = np.float32(1.0), np.float32((1.0, 1.0, 1.0))
+            t = lambda a: torch.as_tensor(np.broadcast_to(np.float32(a), (3,)).copy()).view(1, 3, 1, 1).to(device)
+            self._cache[key] = t(div), t(mean), t(std)
+        return self._cache[key]
+
+    def __getstate__(self):                    # loader workers get the settings, never device tensors
+        return {**self.__dict__, "_cache": {}}
+
+    def batch(self, img, box=None):
+        """uint8 RGB (N, 3, H, W) -> float32 (N, 3, H, W) on img's device, the same values as `__call__` pixel by
+        pixel. `box` (N, 4) int: each image's valid rectangle (top, left, bottom, right); every pixel outside it is
+        0.0 *after* normalisation (the padding of the transforms: hung2018 card 7.2, 7.4). No host sync."""
+        div, mean, std = self._constants(img.device)
+        x = img.float()
+        if self.mode == "imagenet":
+            x = (x / div - mean) / std
+        elif self.mode == "custom":
+            x = x.flip(1) if self.bgr else x
+            x = (x / div - mean) / std
+        else:
+            x = x - mean
+            x = x.flip(1) if self.bgr else x
+        if box is not None:
+            h, w = x.shape[-2:]
+            b = box.to(device=x.device, dtype=torch.int64)[:, :, None, None]               # (N, 4, 1, 1)
+            r = torch.arange(h, device=x.device).view(1, h, 1)
+            c = torch.arange(w, device=x.device).view(1, 1, w)
+            inside = (r >= b[:, 0]) & (r < b[:, 2]) & (c >= b[:, 1]) & (c < b[:, 3])       # (N, H, W)
+            x = torch.where(inside[:, None], x, 0.0)                                       # +0.0
+        return x
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,10 +220,14 @@ def resize_pair(img, lab, size_hw, resample="cv2", factor=None):
 
 
 class TrainTransform:
-    """Random scale -> [rotate] -> normalise -> pad (image 0, label 255) bottom/right -> random crop -> optional mirror.
+    """Random scale -> [rotate] -> pad (label 255) bottom/right -> random crop -> optional mirror, on uint8 pixels.
 
     The order and the padding follow hung2018 card 7.2: scale factor f in {0.5, 0.6, ..., 1.6} (`scales`), padding
-    at the bottom and right with 0 *after* normalisation (i.e. the mean colour) and with 255 in the label.
+    at the bottom and right with 0 *after* normalisation (i.e. the mean colour) and with 255 in the label. The
+    normalisation (`normalize`) is not applied here but by the loader on the device (`Normalize.batch`); the image
+    leaves as uint8 with its valid rectangle `box` (top, left, bottom, right), and everything outside the box becomes
+    0.0 after normalisation there: the same values as normalising first and padding with 0.0.
+    Returns (image uint8 (3, H, W), label uint8 (H, W), box int32 (4,)).
     `resize_to` (Cityscapes: 512x1024) resizes every image to a fixed size first, with no crop.
     `max_rotation` (degrees; Farabet et al.'s jitter, luc2016 card 6.2: 8) rotates by a uniform angle about the
     centre, image bilinear, label nearest; corners that come from outside are 255 in the label.
@@ -212,25 +263,28 @@ class TrainTransform:
             lab = np.asarray(Image.fromarray(lab).rotate(angle, Image.NEAREST, fillcolor=IGNORE))
         if self.blur and rng.random() < self.blur:     # on the uint8 image, before normalisation (same pixels)
             img = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(radius=rng.random())))
-        img = self.normalize(img)
+        box = [0, 0, *lab.shape]                        # valid rectangle: top, left, bottom, right
         if self.crop is not None:
             ch, cw = self.crop
-            h, w = lab.shape
+            h0, w0 = h, w = lab.shape
             ph, pw = max(ch - h, 0), max(cw - w, 0)
-            if ph or pw:
-                img = np.pad(img, ((0, ph), (0, pw), (0, 0)), constant_values=0.0)
+            if ph or pw:                                # pixel value irrelevant: 0.0 after normalisation (`box`)
+                img = np.pad(img, ((0, ph), (0, pw), (0, 0)), constant_values=0)
                 lab = np.pad(lab, ((0, ph), (0, pw)), constant_values=self.label_pad)
             h, w = lab.shape
             y, x = rng.randint(0, h - ch), rng.randint(0, w - cw)
             img, lab = img[y:y + ch, x:x + cw], lab[y:y + ch, x:x + cw]
+            box = [0, 0, min(h0 - y, ch), min(w0 - x, cw)]
         if self.mirror and rng.random() < 0.5:
             img, lab = img[:, ::-1], lab[:, ::-1]
-        return to_tensors(img, lab)
+            box = [box[0], lab.shape[1] - box[3], box[2], lab.shape[1] - box[1]]
+        return to_tensors(img, lab, box)
 
 
 class LabelTransform:
     """Ground-truth maps for a discriminator's "real" input (hung2018 card 7.3, simplified as the card allows):
-    random scale, enlarge with nearest-neighbour if smaller than the crop, never pad, random crop, optional mirror."""
+    random scale, enlarge with nearest-neighbour if smaller than the crop, never pad, random crop, optional mirror.
+    Returns a uint8 (H, W) tensor (the loader widens it to int64 on the device)."""
 
     def __init__(self, crop=None, scales=None, mirror=False, resize_to=None):
         self.crop, self.scales, self.mirror, self.resize_to = crop, scales, mirror, resize_to
@@ -253,7 +307,7 @@ class LabelTransform:
             lab = lab[y:y + ch, x:x + cw]
         if self.mirror and rng.random() < 0.5:
             lab = lab[:, ::-1]
-        return torch.from_numpy(np.array(lab, dtype=np.int64))
+        return torch.from_numpy(np.array(lab, dtype=np.uint8))
 
 
 class EvalTransform:
@@ -263,7 +317,9 @@ class EvalTransform:
     `short_side` s (PASCAL-Context in s4GAN's released code, s4gan_mlmt card 7.5): resize the short
     side to s (image bilinear, label nearest), then cut the central s x s square of both. `resample`: as
     TrainTransform (the released evaluations resize as their training loaders: s4GAN's Context and Cityscapes
-    loaders with PIL / scipy, card 7.5; VOC is padded, never resized)."""
+    loaders with PIL / scipy, card 7.5; VOC is padded, never resized).
+    Like `TrainTransform`, returns uint8 (image, label) and the image's valid box; the loader normalises on the device
+    and pads with exactly 0.0."""
 
     def __init__(self, normalize, pad_to=None, resize_to=None, full_res_label=False, short_side=None,
                  resample="cv2"):
@@ -280,20 +336,22 @@ class EvalTransform:
                                    else (max(s, int(h * s / w + 0.5)), s), self.resample)
             y, x = (lab.shape[0] - s) // 2, (lab.shape[1] - s) // 2
             img, lab = img[y:y + s, x:x + s], lab[y:y + s, x:x + s]
-        img = self.normalize(img)
+        box = [0, 0, *img.shape[:2]]
         if self.pad_to is not None:
             ph, pw = self.pad_to[0] - img.shape[0], self.pad_to[1] - img.shape[1]
             if ph < 0 or pw < 0:
                 raise DataError(f"an evaluation image of size {img.shape[:2]} is larger than the padding size "
                                 f"{tuple(self.pad_to)}; raise the preset's eval padding")
-            img = np.pad(img, ((0, ph), (0, pw), (0, 0)), constant_values=0.0)
+            img = np.pad(img, ((0, ph), (0, pw), (0, 0)), constant_values=0)     # 0.0 after normalisation (box)
             lab = np.pad(lab, ((0, ph), (0, pw)), constant_values=IGNORE)
-        return to_tensors(img, lab)
+        return to_tensors(img, lab, box)
 
 
-def to_tensors(img, lab):
-    img = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))   # (3, H, W) float32
-    return img, torch.from_numpy(np.array(lab, dtype=np.int64))           # (H, W) int64, a writable copy
+def to_tensors(img, lab, box):
+    """uint8 (H, W, 3) image, uint8 (H, W) label, valid box -> uint8 (3, H, W), uint8 (H, W), int32 (4,) tensors
+    (writable copies; the loader normalises the image and widens the label on the device)."""
+    img = torch.from_numpy(np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)))
+    return img, torch.from_numpy(np.array(lab, dtype=np.uint8)), torch.tensor(box, dtype=torch.int32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -303,7 +361,10 @@ class SegDataset(torch.utils.data.Dataset):
     """A list of ids over a `source` (which reads an id into uint8 image and label arrays) and a transform.
 
     Each item draws its augmentation from its own RNG, seeded by (seed, epoch, index), so that a run is reproducible
-    and resumable whatever the number of loader workers. Call `set_epoch` on every pass.
+    and resumable whatever the number of loader workers. The key is either an index (epoch `self.epoch`, the
+    evaluation case) or an `(epoch, index)` pair from `EpochBatchSampler`: the epoch travels with the index, so
+    persistent workers, which never see `set_epoch`, still draw new augmentations every pass.
+    Items: (image uint8 (3, H, W), label uint8 (H, W), box int32 (4,), id), or the label alone with `labels_only`.
     """
 
     def __init__(self, source, ids, transform, seed=0, labels_only=False):
@@ -316,54 +377,193 @@ class SegDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.ids)
 
-    def __getitem__(self, i):
-        rng = random.Random(hash((self.seed, self.epoch, i)) & 0xFFFFFFFF)
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
+        rng = random.Random(hash((self.seed, epoch, i)) & 0xFFFFFFFF)
         if self.labels_only:
             return self.transform(self.source.read_label(self.ids[i]), rng)
         img, lab = self.source.read(self.ids[i])
         if img.shape[:2] != lab.shape:
             raise DataError(f"image and label of {self.ids[i]} differ in size: {img.shape[:2]} vs {lab.shape}")
-        img, lab = self.transform(img, lab, rng)
-        return img, lab, self.ids[i]
+        img, lab, box = self.transform(img, lab, rng)
+        return img, lab, box, self.ids[i]
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Endless batches of (epoch, index) pairs: pass e visits the dataset in the seeded permutation
+    randperm(n, generator seeded with seed * 1000003 + e); the last partial batch of a pass is kept (hung2018 card
+    5.1) unless it has fewer than `min_batch` items (then it is dropped from that pass). It starts at `state` =
+    (pass, batches already taken in that pass), so a resumed run continues with exactly the next batch."""
+
+    def __init__(self, n, batch_size, seed, min_batch=1, state=(0, 0)):
+        self.n, self.batch_size, self.seed, self.min_batch, self.state = n, batch_size, seed, min_batch, tuple(state)
+
+    def order(self, epoch):
+        g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        rest = len(order) % self.batch_size
+        if 0 < rest < self.min_batch:           # a last batch too small for the network (BatchNorm): dropped
+            order = order[:-rest]
+        return order
+
+    def batches_per_pass(self):
+        return -(-len(self.order(0)) // self.batch_size)
+
+    def __iter__(self):
+        epoch, pos = self.state
+        while True:
+            order = self.order(epoch)
+            for b in range(pos * self.batch_size, len(order), self.batch_size):
+                yield [(epoch, i) for i in order[b:b + self.batch_size]]
+            epoch, pos = epoch + 1, 0
+
+
+class _ToDevice:
+    """Moves collated uint8 batches to `device`, then normalises images (`Normalize.batch`, padding 0.0) and widens
+    labels to int64 there. On CUDA `start` issues the copies (from pinned memory, non_blocking) on a side stream, so
+    the copy of batch k+1 overlaps batch k's work; `finish` makes the current stream wait for them and marks the
+    tensors as used by it (record_stream), so the caching allocator never hands their memory out too early."""
+
+    def __init__(self, device, normalize):
+        self.device, self.normalize = torch.device(device), normalize
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def start(self, batch):
+        if self.stream is None:
+            return batch if self.device.type == "cpu" else _map(lambda t: t.to(self.device), batch)
+        with torch.cuda.stream(self.stream):
+            return _map(lambda t: t.to(self.device, non_blocking=True), batch)
+
+    def finish(self, batch):
+        if self.stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self.stream)
+            _map(lambda t: t.record_stream(current), batch)
+        if torch.is_tensor(batch):                                  # a labels-only stream
+            return batch.long()
+        img, lab, box, ids = batch
+        return self.normalize.batch(img, box), lab.long(), ids
+
+
+def _map(f, batch):
+    if torch.is_tensor(batch):
+        return f(batch)
+    return [f(t) if torch.is_tensor(t) else t for t in batch]
+
+
+def _loader_kwargs(workers, pin_memory):
+    kw = dict(num_workers=workers, pin_memory=pin_memory)
+    if workers > 0:
+        kw.update(persistent_workers=True, prefetch_factor=2)
+    return kw
 
 
 class InfiniteLoader:
-    """Endless batches over a dataset, reshuffled every pass by a seeded permutation; the last partial batch of a pass
-    is kept (hung2018 card 5.1) unless it has fewer than `min_batch` images. Its whole state is (pass, batches taken
-    in this pass), so a resumed run draws the same batches as an uninterrupted one."""
+    """Endless batches over a dataset, ready on the device: images normalised float32 (N, 3, H, W), labels int64
+    (N, H, W), ids; a labels-only dataset gives the int64 labels alone.
 
-    def __init__(self, dataset, batch_size, seed, workers=0, pin_memory=False, state=(0, 0), min_batch=1):
+    One DataLoader, created once, over an `EpochBatchSampler` (a seeded permutation per pass, the last partial batch
+    kept unless smaller than `min_batch`), with persistent workers and prefetching when `workers` > 0. Augmentations
+    depend on (seed, pass, index) only, never on the worker count. The normalisation is the one of the dataset's
+    transform (`dataset.transform.normalize`), applied on the device. With `ahead` (default: on CUDA) the next batch's
+    copy is issued before the current one is returned (`_ToDevice`).
+
+    Its whole state is (pass, batches *consumed* in this pass): batches that workers prepared or copies issued ahead
+    do not count, so a resumed run draws exactly the batches of an uninterrupted one. After the last batch of pass e
+    the state reads (e, batches per pass); (e + 1, 0) means the same."""
+
+    def __init__(self, dataset, batch_size, seed, workers=0, pin_memory=False, state=(0, 0), min_batch=1,
+                 device="cpu", ahead=None):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.workers, self.pin_memory, self.min_batch = workers, pin_memory, min_batch
         if len(dataset) < min_batch:
             raise DataError(f"a stream of {len(dataset)} image(s) cannot fill a batch of at least {min_batch}; "
                             f"choose another --labeled fraction")
-        self.epoch, self.pos = state
-        self._open()
+        self.epoch, self.pos = (int(v) for v in state)
+        self.sampler = EpochBatchSampler(len(dataset), batch_size, seed, min_batch, (self.epoch, self.pos))
+        self.per_pass = self.sampler.batches_per_pass()
+        normalize = None if dataset.labels_only else dataset.transform.normalize
+        self._device = _ToDevice(device, normalize)
+        self.ahead = self._device.stream is not None if ahead is None else ahead
+        self._it = iter(torch.utils.data.DataLoader(dataset, batch_sampler=self.sampler,
+                                                    **_loader_kwargs(workers, pin_memory)))
+        self._next = None
 
-    def _open(self):
-        self.dataset.set_epoch(self.epoch)
-        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
-        order = torch.randperm(len(self.dataset), generator=g).tolist()
-        rest = len(order) % self.batch_size
-        if 0 < rest < self.min_batch:           # a last batch too small for the network (BatchNorm): dropped
-            order = order[:-rest]
-        order = order[self.pos * self.batch_size:]
-        self._it = iter(torch.utils.data.DataLoader(self.dataset, self.batch_size, sampler=order, drop_last=False,
-                                                    num_workers=self.workers, pin_memory=self.pin_memory))
+    def __iter__(self):
+        return self
 
     def __next__(self):
-        try:
-            batch = next(self._it)
-        except StopIteration:
+        batch = self._next if self._next is not None else self._device.start(next(self._it))
+        out = self._device.finish(batch)          # the current stream waits for this batch's copy only
+        self._next = self._device.start(next(self._it)) if self.ahead else None
+        if self.pos >= self.per_pass:
             self.epoch, self.pos = self.epoch + 1, 0
-            self._open()
-            batch = next(self._it)
         self.pos += 1
-        return batch
+        return out
 
     def state(self):
         return [self.epoch, self.pos]
+
+
+class EvalLoader:
+    """One pass over an evaluation dataset per iteration, batches ready on the device like `InfiniteLoader`'s
+    (normalised images with padding 0.0, int64 labels, ids), in index order, the next batch's copy issued ahead on
+    CUDA. Workers are started per pass (evaluation is rare; they do not stay alive beside the training streams)."""
+
+    def __init__(self, dataset, batch_size, workers=0, device="cpu", pin_memory=None):
+        self.dataset, self.batch_size, self.workers = dataset, batch_size, workers
+        self.device = torch.device(device)
+        self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
+
+    def __len__(self):
+        return -(-len(self.dataset) // self.batch_size)
+
+    def __iter__(self):
+        to_dev = _ToDevice(self.device, self.dataset.transform.normalize)
+        it = iter(torch.utils.data.DataLoader(self.dataset, self.batch_size, num_workers=self.workers,
+                                              pin_memory=self.pin_memory))
+        nxt = next(it, None)
+        nxt = None if nxt is None else to_dev.start(nxt)
+        while nxt is not None:
+            out = to_dev.finish(nxt)
+            nxt = next(it, None)
+            nxt = None if nxt is None else to_dev.start(nxt)
+            yield out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loader processes
+# ----------------------------------------------------------------------------------------------------------------
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"      # cgroup v2 CPU quota ("max 100000" or "<quota> <period>")
+
+
+def available_cpus():
+    """The CPUs this process may use: its affinity mask (taskset, cpusets, SLURM), not os.cpu_count(), further
+    limited by a cgroup v2 CPU quota (containers) where one is set."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    try:
+        with open(CGROUP_CPU_MAX) as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def default_workers(device, image_streams, label_streams=0, cpus=None, max_total=16):
+    """Loader workers per image stream for `--workers`' default: 0 on the CPU (the training process itself needs the
+    cores); on a GPU the available CPUs (`available_cpus`) less one for the training process, at most `max_total`,
+    shared out evenly over the image streams, after one worker for each labels-only stream (a ground-truth stream
+    needs about a tenth of an image stream's CPU; the scripts give it min(--workers, 1)). At least 1 per image stream.
+    Total loader processes: image_streams * result + label_streams * min(result, 1)."""
+    if torch.device(device).type != "cuda":
+        return 0
+    budget = min(max_total, (available_cpus() if cpus is None else cpus) - 1)
+    return max(1, (budget - label_streams) // max(1, image_streams))
 
 
 class VOCSource:

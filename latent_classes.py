@@ -127,7 +127,9 @@ def get_parser():
     a("--out", help="run folder (default runs/latent_classes_<data>_<labeled>_seed<seed>_<time>)")
     a("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (its own arguments are used)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--workers", type=int, help="data loader processes (default: 0 on CPU, min(8, cores) on CUDA)")
+    a("--workers", type=int, help="data loader processes per image stream (default: 0 on CPU; on CUDA the CPUs this "
+                                  "process may use, less one, shared over the 2 image streams and 1 labels-only stream: "
+                                  "common.default_workers); a labels-only stream gets min(N, 1)")
     a("--no-amp", action="store_true", default=None, help="float32 on CUDA (TF32 off too) instead of bf16 autocast")
     # network and initialisation
     a("--backbone", choices=sorted(BACKBONES), help="paper: resnet101 (smaller ones for quick runs)")
@@ -198,7 +200,7 @@ def resolve_args(args):
         if getattr(args, k) is not None:
             setattr(args, k, tuple(getattr(args, k)))
     if args.workers is None:
-        args.workers = min(8, os.cpu_count() or 1) if args.device.startswith("cuda") else 0
+        args.workers = common.default_workers(args.device, image_streams=2, label_streams=1)
     return args
 
 # ================================================================================================================
@@ -599,15 +601,17 @@ def build_data(args, source, labeled, unlabeled, stream_states=None):
     eval_tf = common.EvalTransform(normalize, args.eval_pad, args.resize, args.eval_full_res)
     pin = args.device.startswith("cuda")
     states = stream_states or {}
-    make = lambda name, ds, k: common.InfiniteLoader(ds, args.batch_size, args.seed * 3 + k, args.workers, pin,
-                                                     states.get(name, (0, 0)))
+    # one persistent loader per stream; a labels-only stream needs about a tenth of an image stream's CPU
+    make = lambda name, ds, k: common.InfiniteLoader(ds, args.batch_size, args.seed * 3 + k,
+                                                     min(args.workers, 1) if ds.labels_only else args.workers, pin,
+                                                     states.get(name, (0, 0)), device=args.device)
     streams = {"labeled": make("labeled", common.SegDataset(source, labeled, train_tf, args.seed), 0)}
     if use_unlabeled(args, unlabeled):
         streams["unlabeled"] = make("unlabeled", common.SegDataset(source, unlabeled, train_tf, args.seed + 1), 1)
     if use_D(args):
         streams["gt"] = make("gt", common.SegDataset(source, labeled, label_tf, args.seed + 2, labels_only=True), 2)
-    val = torch.utils.data.DataLoader(common.SegDataset(source, source.splits["val"], eval_tf), args.eval_batch_size,
-                                      num_workers=args.workers, pin_memory=pin)
+    val = common.EvalLoader(common.SegDataset(source, source.splits["val"], eval_tf), args.eval_batch_size,
+                            args.workers, args.device)
     return streams, val, normalize
 
 
@@ -641,8 +645,7 @@ def train(args, run_dir, model, D, M, alpha, opt_S, opt_D, streams, val_loader, 
         sums[k] += value.detach().float()
         counts[k] += 1
 
-    def to_dev(t, image=False):
-        t = t.to(device, non_blocking=True)
+    def to_dev(t, image=False):       # batches arrive on the device, normalised, labels int64 (common.InfiniteLoader)
         return t.contiguous(memory_format=torch.channels_last) if image else t
 
     set_train_mode(model, args.freeze_bn_stats)
@@ -778,7 +781,6 @@ def evaluate(model, D, loader, num_classes, device, amp, num_pictures):
     cm = common.ConfusionMatrix(num_classes, device)
     pictures = []
     for x, y, _ in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(**amp):
             pred = up(model(x, latent=False)[0].float(), y.shape[-2:])   # semantic head only (card 8.3)
         cm.update(pred.argmax(1), y)

@@ -140,7 +140,8 @@ def get_parser():
     a("--out", help="run folder (default runs/luc2016_<data>_<labeled>_seed<seed>_<time>)")
     a("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (its own arguments are used)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--workers", type=int, help="data loader processes (default: 0 on CPU, min(8, cores) on CUDA)")
+    a("--workers", type=int, help="data loader processes (default: 0 on CPU; on CUDA the CPUs this process may use, "
+                                  "less one, shared over the 1 image stream: common.default_workers)")
     a("--no-amp", action="store_true", help="float32 on CUDA (TF32 off too) instead of bf16 autocast")
     # networks (Sec. 3.2, supp. Table 1)
     a("--segmenter", choices=["dilated8", "farabet"], help="dilated8 (VOC) or farabet (Stanford Background)")
@@ -217,7 +218,7 @@ def resolve_args(args):
     if args.phase_length < 1 or args.num_steps < 1 or not (0 < args.tau < 1):
         raise DataError("--phase-length and --num-steps must be >= 1 and --tau in (0, 1)")
     if args.workers is None:
-        args.workers = min(8, os.cpu_count() or 1) if args.device.startswith("cuda") else 0
+        args.workers = common.default_workers(args.device, image_streams=1, label_streams=0)
     return args
 
 
@@ -599,9 +600,9 @@ def build_data(args, source, labeled, stream_state=None):
     eval_tf = common.EvalTransform(normalize, args.eval_pad)
     pin = args.device.startswith("cuda")
     stream = common.InfiniteLoader(common.SegDataset(source, labeled, train_tf, args.seed), args.batch_size,
-                                   args.seed * 3, args.workers, pin, stream_state or (0, 0))
-    loader = lambda ids: torch.utils.data.DataLoader(common.SegDataset(source, ids, eval_tf), args.eval_batch_size,
-                                                     num_workers=args.workers, pin_memory=pin)
+                                   args.seed * 3, args.workers, pin, stream_state or (0, 0), device=args.device)
+    loader = lambda ids: common.EvalLoader(common.SegDataset(source, ids, eval_tf), args.eval_batch_size, args.workers,
+                                           args.device)
     return stream, loader, normalize
 
 
@@ -634,9 +635,8 @@ def train(args, run_dir, model, A, opt_S, opt_A, stream, select_loader, start, c
 
     for g in range(start, stop):
         ph = phase(g, args)
-        x, y, _ = next(stream)
-        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        y = y.to(device, non_blocking=True)
+        x, y, _ = next(stream)                      # on the device, normalised, labels int64 (common.InfiniteLoader)
+        x = x.contiguous(memory_format=torch.channels_last)
 
         # the segmenter's prediction: with gradients when s is updated, else in eval mode (no dropout, card 13.18)
         model.train("S" in ph)
@@ -728,7 +728,6 @@ def evaluate(model, A, loader, num_classes, device, amp, args, num_pictures=0, b
     cm = common.ConfusionMatrix(num_classes, device)
     pictures, scores = [], []
     for x, y, ids in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(**amp):
             logits = model(x).float()
         pred = upsample_logits(logits, y.shape[-2:], STRIDE[args.segmenter]).argmax(1)

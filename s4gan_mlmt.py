@@ -72,6 +72,7 @@ Deviations and choices (paper / released code sud0301/semisup-semseg / this scri
 import argparse
 import csv
 import datetime
+import itertools
 import json
 import math
 import os
@@ -156,7 +157,8 @@ def get_parser():
     a("--out", help="run folder (default runs/s4gan_mlmt_<data>_<labeled>_seed<seed>_<time>)")
     a("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (its own arguments are used)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--workers", type=int, help="data loader processes (default: 0 on CPU, min(8, cores) on CUDA)")
+    a("--workers", type=int, help="data loader processes per image stream (default: 0 on CPU; on CUDA the CPUs this "
+                                  "process may use, less one, shared over the 3 image streams: common.default_workers)")
     a("--no-amp", action="store_true", default=None, help="float32 on CUDA (TF32 off too) instead of bf16 autocast")
     a("--stage", choices=["both", "s4gan", "mlmt"],
       help="both: s4GAN, then MLMT, then the fused evaluation (default; Cityscapes: s4gan, as in the paper)")
@@ -251,7 +253,7 @@ def resolve_args(args):
         if getattr(args, k) is not None:
             setattr(args, k, tuple(getattr(args, k)))
     if args.workers is None:
-        args.workers = min(8, os.cpu_count() or 1) if args.device.startswith("cuda") else 0
+        args.workers = common.default_workers(args.device, image_streams=3, label_streams=0)
     # padded label pixels: ignored (255), except with the released Context augmentation, which labels them background
     # 0 and pads only when its short side (252-1010) is under the crop (deviation 6)
     args.label_pad = 0 if args.official_context_aug and args.data == "context" else IGNORE
@@ -698,15 +700,15 @@ def build_data(args, source, labeled, unlabeled, stream_states=None):
     pin = args.device.startswith("cuda")
     states = stream_states or {}
     make = lambda name, ds, k: common.InfiniteLoader(ds, args.batch_size, args.seed * 3 + k, args.workers, pin,
-                                                     states.get(name, (0, 0)))
+                                                     states.get(name, (0, 0)), device=args.device)
     streams = {"labeled": make("labeled", common.SegDataset(source, labeled, train_tf, args.seed), 0)}
     if use_D(args):
         # card 5.1 "Full": with every image labeled, the unlabeled stream is the labeled set with its labels unread
         streams["unlabeled"] = make("unlabeled", common.SegDataset(source, unlabeled or labeled, train_tf,
                                                                    args.seed + 1), 1)
         streams["gt"] = make("gt", common.SegDataset(source, labeled, train_tf, args.seed + 2), 2)
-    val = torch.utils.data.DataLoader(common.SegDataset(source, source.splits["val"], eval_tf), args.eval_batch_size,
-                                      num_workers=args.workers, pin_memory=pin)
+    val = common.EvalLoader(common.SegDataset(source, source.splits["val"], eval_tf), args.eval_batch_size,
+                            args.workers, args.device)
     return streams, val, eval_normalize
 
 
@@ -723,7 +725,8 @@ def class_vector(label, num_classes):
 
 
 class MLMTDataset(torch.utils.data.Dataset):
-    """Card 3.7: the image resized to size x size (aspect not kept), ImageNet-normalised. Training yields a weak view
+    """Card 3.7: the image resized to size x size (aspect not kept), as uint8 (3, H, W); the training loop
+    ImageNet-normalises it on the device (`self.normalize.batch`, common.Normalize). Training yields a weak view
     (random flip) and a strong view (own flip, colour jitter 0.4/0.4/0.4/0.1, Gaussian blur sigma U(0.1, 2)); evaluation
     yields the resized image twice. With `with_labels`, the class vector of the mask; otherwise zeros (never read)."""
 
@@ -740,10 +743,11 @@ class MLMTDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.ids)
 
-    def _tensor(self, im):
-        return torch.from_numpy(np.ascontiguousarray(self.normalize(np.asarray(im)).transpose(2, 0, 1)))
+    def _tensor(self, im):                 # uint8 (3, H, W): a quarter of float32's bytes to the device
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)))
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):             # an index, or a (pass, index) pair from mlmt_batches' samplers
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         img, lab = self.source.read(self.ids[i])
         z = class_vector(lab, self.C) if self.with_labels else np.zeros(self.C, np.float32)
         base = Image.fromarray(img)
@@ -752,7 +756,7 @@ class MLMTDataset(torch.utils.data.Dataset):
         if not self.train:
             x = self._tensor(base)
             return x, x, torch.from_numpy(z)
-        seed = hash((self.seed, self.epoch, i)) & 0xFFFFFFFF
+        seed = hash((self.seed, epoch, i)) & 0xFFFFFFFF
         rng = random.Random(seed)
         flip = lambda im: im.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else im
         weak, strong = flip(base), flip(base)                       # flipped independently (card 3.7)
@@ -763,11 +767,41 @@ class MLMTDataset(torch.utils.data.Dataset):
         return self._tensor(weak), self._tensor(strong), torch.from_numpy(z)
 
 
-def epoch_batches(dataset, batch_size, seed, epoch, workers, pin):
-    """One pass over `dataset` in a seeded order (the last batch may be partial, card 5.3)."""
-    dataset.set_epoch(epoch)
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 1000003 + epoch)).tolist()
-    return iter(torch.utils.data.DataLoader(dataset, batch_size, sampler=order, num_workers=workers, pin_memory=pin))
+def mlmt_batches(lab_ds, unl_ds, batch_size, batch_size_unl, seed, start_epoch, workers, pin):
+    """Endless (labeled, unlabeled) batch pairs from epoch `start_epoch` on, two loaders created once (persistent
+    workers). Labeled epoch e is one pass in the seeded order of seed `seed` and pass e (the last batch may be
+    partial, card 5.3); its unlabeled partners are passes e * 1000, e * 1000 + 1, ... over the unlabeled images
+    (seed `seed + 1`), restarted every epoch, as many batches as the labeled pass has. Augmentations depend on
+    (seed, pass, index) only, so a run resumed at an epoch draws the same batches."""
+    lab = common.EpochBatchSampler(len(lab_ds), batch_size, seed, state=(start_epoch, 0))
+    unl = common.EpochBatchSampler(len(unl_ds), batch_size_unl, seed + 1)
+    steps = lab.batches_per_pass()
+
+    def unl_batches():
+        for epoch in itertools.count(start_epoch):
+            taken, p = 0, 0
+            while taken < steps:
+                order = unl.order(epoch * 1000 + p)
+                for b in range(0, len(order), batch_size_unl):
+                    if taken == steps:
+                        break
+                    yield [(epoch * 1000 + p, i) for i in order[b:b + batch_size_unl]]
+                    taken += 1
+                p += 1
+
+    kw = dict(num_workers=workers, pin_memory=pin, **(dict(persistent_workers=True) if workers else {}))
+    return (zip(torch.utils.data.DataLoader(lab_ds, batch_sampler=lab, **kw),
+                torch.utils.data.DataLoader(unl_ds, batch_sampler=_Batches(unl_batches), **kw)), steps)
+
+
+class _Batches(torch.utils.data.Sampler):
+    """A batch sampler from a generator function (endless; iterated once)."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def __iter__(self):
+        return self.make()
 
 
 # ================================================================================================================
@@ -808,8 +842,7 @@ def train(args, run_dir, model, D, opt_S, opt_D, streams, val_loader, start, cla
     stop = min(args.num_steps, args.stop_at or args.num_steps)
     meter = Meter(LOG_KEYS, device)
 
-    def to_dev(t, image=False):
-        t = t.to(device, non_blocking=True)
+    def to_dev(t, image=False):       # batches arrive on the device, normalised, labels int64 (common.InfiniteLoader)
         return t.contiguous(memory_format=torch.channels_last) if image else t
 
     set_train_mode(model, args.freeze_bn_stats)
@@ -933,7 +966,8 @@ def train_mlmt(args, run_dir, source, labeled, unlabeled, class_names):
     # "Full" (no unlabeled image): the labeled images serve as unlabeled ones too, as in the s4GAN branch
     unl_ds = MLMTDataset(source, unlabeled or labeled, args.mlmt_size, C, args.seed + 11, with_labels=False)
     val_ds = MLMTDataset(source, source.splits["val"], args.mlmt_size, C, train=False)
-    steps = math.ceil(len(labeled) / args.mlmt_batch_size)
+    batches, steps = mlmt_batches(lab_ds, unl_ds, args.mlmt_batch_size, args.mlmt_batch_size_unl, args.seed + 10,
+                                  start, args.workers, pin)                # loaders made once (persistent workers)
     print(f"MLMT: {args.mlmt_backbone} ({args.mlmt_init}), {args.mlmt_epochs} epochs of {steps} steps "
           f"({args.mlmt_batch_size} labeled + {args.mlmt_batch_size_unl} unlabeled images), consistency {args.cons}; "
           f"starting at epoch {start}")
@@ -947,17 +981,10 @@ def train_mlmt(args, run_dir, source, labeled, unlabeled, class_names):
         w = args.lambda_cons * cons_weight(epoch, args.burn_in, args.mlmt_epochs)
         student.train(), teacher.train()            # the teacher's BN statistics follow its own batches (dev. 11)
         t0, images = time.time(), 0
-        lab_it = epoch_batches(lab_ds, args.mlmt_batch_size, args.seed + 10, epoch, args.workers, pin)
-        unl_pass, unl_it = 0, None
-        for xw_l, xs_l, z_l in lab_it:
-            batch = next(unl_it, None) if unl_it is not None else None
-            if batch is None:                       # the unlabeled order restarts every epoch (card 5.3)
-                unl_it = epoch_batches(unl_ds, args.mlmt_batch_size_unl, args.seed + 11, epoch * 1000 + unl_pass,
-                                       args.workers, pin)
-                unl_pass += 1
-                batch = next(unl_it)
-            xw_u, xs_u, _ = batch
+        for (xw_l, xs_l, z_l), (xw_u, xs_u, _) in itertools.islice(batches, steps):   # one labeled pass; the
+            # unlabeled order restarts every epoch (card 5.3), its passes numbered epoch * 1000 + k (mlmt_batches)
             xw_l, xs_l, z_l, xw_u, xs_u = (t.to(device, non_blocking=True) for t in (xw_l, xs_l, z_l, xw_u, xs_u))
+            xw_l, xs_l, xw_u, xs_u = (lab_ds.normalize.batch(t) for t in (xw_l, xs_l, xw_u, xs_u))   # on the device
             with torch.autocast(**amp):
                 s_l = student(xw_l)                                         # (N_l, C) logits
                 with torch.no_grad():
@@ -1007,7 +1034,7 @@ def evaluate_mlmt(teacher, student, val_ds, device, amp, args):
     outs = {"teacher": [], "student": []}
     targets = []
     for x, _, z in loader:
-        x = x.to(device)
+        x = val_ds.normalize.batch(x.to(device))            # uint8 -> ImageNet-normalised float32 on the device
         with torch.autocast(**amp):
             outs["teacher"].append(torch.sigmoid(teacher(x).float()).cpu())
             outs["student"].append(torch.sigmoid(student(x).float()).cpu())
@@ -1078,7 +1105,6 @@ def evaluate(model, loader, num_classes, device, amp, scores=None, tau=0.2, offi
     cm, cm_fused = common.ConfusionMatrix(num_classes, device), common.ConfusionMatrix(num_classes, device)
     pictures = []
     for x, y, ids in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(**amp):
             pred = up(model(x).float(), y.shape[-2:])        # logits at the label's size
         seg = pred.argmax(1)
@@ -1200,6 +1226,7 @@ def run(argv=None):
             print(f"stopped at iteration {stop} (--stop-at); continue with --resume {run_dir}")
             return None
         metrics["iteration"] = stop
+        streams.clear()                        # their persistent workers end before MLMT's loaders start
     if do_mlmt:
         mlmt = train_mlmt(args, run_dir, source, labeled, unlabeled, class_names)
         metrics["mlmt"] = {k: v for k, v in mlmt.items() if k != "scores"}

@@ -73,12 +73,16 @@ def test_same_seed_same_split_and_losses(tmp_path):
     assert other != common.labeled_split([f"i{k}" for k in range(100)], 0.25, seed=0)[0]
 
 
-def test_resume_gives_the_same_losses(tmp_path):
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_resume_gives_the_same_losses(tmp_path, workers):
+    """Also with 2 persistent loader workers per stream (issue 14): the stopped and the resumed part draw exactly the
+    batches of the straight run (made without workers), although the workers had prepared batches ahead."""
     straight, parted = str(tmp_path / "a"), str(tmp_path / "b")
-    run_main(["--data", "synthetic", "--out", straight] + TINY)
-    assert run_main(["--data", "synthetic", "--out", parted, "--stop-at", "2"] + TINY) is None
+    tiny = TINY + ["--labeled", "0.006"]            # 6 labeled images in batches of 4: a new pass every 2 iterations
+    run_main(["--data", "synthetic", "--out", straight] + tiny)
+    assert run_main(["--data", "synthetic", "--out", parted, "--stop-at", "2", "--workers", workers] + tiny) is None
     assert not os.path.exists(os.path.join(parted, "metrics.json"))
-    run_main(["--data", "synthetic", "--resume", parted])
+    run_main(["--data", "synthetic", "--resume", parted, "--workers", workers])
     a, b = read_log(straight), read_log(parted)
     assert [r["iter"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
@@ -316,8 +320,9 @@ def test_transforms_pad_scale_and_normalise():
     assert white == pytest.approx([255 - 122.67891434, 255 - 116.66876762, 255 - 104.00698793])   # card 10.11
     assert norm(np.full((1, 1, 3), 255, np.uint8))[0, 0, 0] != common.Normalize("caffe")(np.full((1, 1, 3), 255, np.uint8))[0, 0, 0]
     img, lab = np.full((10, 12, 3), 200, np.uint8), np.ones((10, 12), np.uint8)
-    x, y = common.TrainTransform(norm, crop=(16, 16))(img, lab, __import__("random").Random(0))
-    assert x.shape == (3, 16, 16) and y.shape == (16, 16)
+    x, y, box = common.TrainTransform(norm, crop=(16, 16))(img, lab, __import__("random").Random(0))
+    assert x.shape == (3, 16, 16) and y.shape == (16, 16) and x.dtype == y.dtype == torch.uint8
+    x = norm.batch(x[None], box[None])[0]                                             # on the device, as the loader
     assert (y == 255).sum() == 16 * 16 - 10 * 12 and (x[:, y == 255] == 0).all()        # padding: 0 and 255
     scales = {common.TrainTransform(norm, scales=[0.5 + k / 10 for k in range(12)])(img, lab, __import__("random").Random(s))[1].shape
               for s in range(60)}
@@ -1250,12 +1255,12 @@ def test_s4_pascal_context_layout_transforms_and_run(tmp_path, capsys):
     assert lab.max() <= 59 and img.shape == (30, 40, 3)
     # training padding is background (0), evaluation: short side to 512, central square
     tf = common.TrainTransform(common.Normalize(), crop=(50, 50), label_pad=0)
-    _, y = tf(img, lab, random.Random(0))
+    _, y, _ = tf(img, lab, random.Random(0))
     assert (y[30:] == 0).all() and (y[:, 40:] == 0).all()
-    x, y = common.EvalTransform(common.Normalize(), short_side=64)(img, lab)
+    x, y, _ = common.EvalTransform(common.Normalize(), short_side=64)(img, lab)
     assert x.shape == (3, 64, 64) and y.shape == (64, 64)
-    x, _ = common.TrainTransform(common.Normalize(), crop=(32, 32), short_side=(40, 41), blur=1.0)(img, lab,
-                                                                                                 random.Random(0))
+    x, _, _ = common.TrainTransform(common.Normalize(), crop=(32, 32), short_side=(40, 41), blur=1.0)(img, lab,
+                                                                                                    random.Random(0))
     assert x.shape == (3, 32, 32)
     out = str(tmp_path / "run")
     m = s4.main(["--data", "context", "--data-root", str(tmp_path / "ctx"), "--backbone", "resnet18", "--width", "8",
@@ -1709,9 +1714,9 @@ def test_h2_cv2_resize_matches_the_formula_by_hand():
     # TrainTransform: the released loaders' sizes (25 * 0.5 = 12.5 -> 12, half to even) and labels
     tf = common.TrainTransform(lambda a: a.astype(np.float32), scales=[0.5])
     big = rng.integers(0, 21, (25, 31), dtype=np.uint8)
-    _, y = tf(rng.integers(0, 256, (25, 31, 3), dtype=np.uint8), big, random.Random(0))
+    _, y, _ = tf(rng.integers(0, 256, (25, 31, 3), dtype=np.uint8), big, random.Random(0))
     assert tuple(y.shape) == (12, 16) and np.array_equal(y.numpy(), big[::2, ::2][:12, :16])
-    _, y = common.TrainTransform(lambda a: a.astype(np.float32), scales=[0.5], resample="pil")(
+    _, y, _ = common.TrainTransform(lambda a: a.astype(np.float32), scales=[0.5], resample="pil")(
         rng.integers(0, 256, (25, 31, 3), dtype=np.uint8), big, random.Random(0))
     assert tuple(y.shape) == (13, 16)
     with pytest.raises(common.DataError):
@@ -1735,7 +1740,7 @@ def test_h2_s4_resampling_and_context_padding_defaults():
     ctx = parse("--data", "context")
     assert ctx.label_pad == 255 and parse("--data", "context", "--official-quirks").label_pad == 0
     img, lab = np.zeros((30, 40, 3), np.uint8), np.ones((30, 40), np.uint8)
-    _, y = common.TrainTransform(lambda a: a.astype(np.float32), crop=(50, 50), label_pad=ctx.label_pad)(
+    _, y, _ = common.TrainTransform(lambda a: a.astype(np.float32), crop=(50, 50), label_pad=ctx.label_pad)(
         img, lab, random.Random(0))
     assert (y[30:] == 255).all() and (y[:30, :40] == 1).all()            # padding ignored, not background
 
@@ -1767,7 +1772,7 @@ def test_h2_s4_fuse_with_student_writes_and_uses_the_students_scores(tmp_path):
     source = common.make_source("synthetic", **s4.SYNTHETIC_SIZE)
     state = torch.load(os.path.join(out, "mlmt_last.pt"), weights_only=True)
     val = s4.MLMTDataset(source, source.splits["val"], 32, 6, train=False)
-    x = torch.stack([val[k][0] for k in range(len(val))])
+    x = val.normalize.batch(torch.stack([val[k][0] for k in range(len(val))]))   # uint8 -> normalised, as the loop
     probs = {}
     for name in ("student", "teacher"):
         net = s4.make_classifier("resnet10", 6, "none")
@@ -2078,9 +2083,10 @@ def test_dd_pad_mask_and_d1_threshold_without_padding():
     full = rng.randint(0, 256, (48, 48, 3)).astype(np.uint8)
     norm = common.Normalize("imagenet")
     tf = common.TrainTransform(norm, crop=(48, 48))
-    x0 = tf(small, np.zeros((30, 36), np.uint8), random.Random(0))[0]
-    x1 = tf(full, np.zeros((48, 48), np.uint8), random.Random(0))[0]
-    xe = common.EvalTransform(norm, pad_to=(48, 48))(small, np.zeros((30, 36), np.uint8))[0]
+    on_device = lambda out: norm.batch(out[0][None], out[2][None])[0]     # uint8 + valid box -> normalised, padded 0
+    x0 = on_device(tf(small, np.zeros((30, 36), np.uint8), random.Random(0)))
+    x1 = on_device(tf(full, np.zeros((48, 48), np.uint8), random.Random(0)))
+    xe = on_device(common.EvalTransform(norm, pad_to=(48, 48))(small, np.zeros((30, 36), np.uint8)))
     x = torch.stack([x0, x1])                                            # (2, 3, 48, 48): padded, not padded
     expected = torch.zeros(2, 48, 48, dtype=torch.bool)
     expected[0, :30, :36] = True
@@ -2119,7 +2125,8 @@ def test_dd_d1_never_sees_padding_in_training_and_evaluate(tmp_path, monkeypatch
     rng = np.random.RandomState(1)
     pairs = [tf(rng.randint(0, 256, (h, w, 3)).astype(np.uint8), rng.randint(0, 6, (h, w)).astype(np.uint8))
              for h, w in ((34, 30), (40, 40))]
-    batch = [(torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs]), None)]
+    x = norm.batch(torch.stack([a for a, _, _ in pairs]), torch.stack([c for _, _, c in pairs]))   # as the loader
+    batch = [(x, torch.stack([b for _, b, _ in pairs]).long(), None)]
     args = dd.resolve_args(dd.get_parser().parse_args(["--data", "synthetic", "--ndf", "8"]))
     D = dd.build_discriminators(6, args)
     inputs.clear()
@@ -2173,3 +2180,134 @@ def test_dd_default_threshold_is_one_minus_d1():
     assert trusted.tolist() == [[[False, False], [True, True]]]            # > 0.95 only
     _, literal = dd.loss_semi(torch.randn(1, 3, 2, 2), torch.logit(conf)[:, None], dd.threshold(z1, "d1", 0.9))
     assert literal.all()                                                    # > 0.05: every pixel
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# H4 (issue 14, defects 3-5): one persistent loader per stream over a resumable (epoch, index) sampler, worker
+# count from the CPU affinity, uint8 transport with normalisation on the device
+# ---------------------------------------------------------------------------------------------------------------
+def _h4_dataset(n=10, size=24, seed=0, **tf):
+    src = common.SyntheticSource(size, n, 2, seed=1)
+    tf = tf or dict(crop=(20, 20), scales=[0.5 + k / 10 for k in range(12)], mirror=True)
+    return common.SegDataset(src, src.splits["train"], common.TrainTransform(common.Normalize(), **tf), seed)
+
+
+def test_h4_sampler_same_batches_as_old_permutation_state_and_resume():
+    old_order = lambda seed, epoch, n: torch.randperm(n, generator=torch.Generator().manual_seed(
+        seed * 1000003 + epoch)).tolist()                                   # the permutation of the old InfiniteLoader
+    s = iter(common.EpochBatchSampler(10, 4, seed=5))
+    for epoch in range(2):
+        o = old_order(5, epoch, 10)
+        assert [next(s) for _ in range(3)] == [[(epoch, i) for i in o[b:b + 4]] for b in (0, 4, 8)]   # last: 2 kept
+    s = iter(common.EpochBatchSampler(10, 4, seed=5, min_batch=3))
+    assert [len(next(s)) for _ in range(4)] == [4, 4, 4, 4]                 # 2 < min_batch: dropped from each pass
+    s = iter(common.EpochBatchSampler(10, 4, seed=5, state=(1, 2)))
+    assert next(s) == [(1, i) for i in old_order(5, 1, 10)[8:]] and next(s)[0][0] == 2
+
+    ds = _h4_dataset()
+    straight = common.InfiniteLoader(ds, 4, seed=7)
+    ref = [next(straight) for _ in range(7)]
+    assert straight.state() == [2, 1]                                       # 3 batches per pass: 7 = 3 + 3 + 1
+    assert [list(b[2]) for b in ref[:3]] == [[ds.ids[i] for i in old_order(7, 0, 10)[b:b + 4]] for b in (0, 4, 8)]
+    part = common.InfiniteLoader(ds, 4, seed=7)
+    for _ in range(3):
+        next(part)
+    assert part.state() == [0, 3]                                           # the old meaning: pass 0 finished
+    for state in (part.state(), [1, 0], [1, 1]):                            # resumed at / after a pass boundary, mid-pass
+        skip = {(0, 3): 3, (1, 0): 3, (1, 1): 4}[tuple(state)]
+        resumed = common.InfiniteLoader(ds, 4, seed=7, state=state, ahead=True)    # + the copy-ahead path on CPU
+        for k in range(skip, 7):
+            x, y, ids = next(resumed)
+            assert list(ids) == list(ref[k][2]) and torch.equal(x, ref[k][0]) and torch.equal(y, ref[k][1]), (state, k)
+        assert resumed.state() == [2, 1]                                    # batches consumed, not fetched ahead
+    assert ref[0][0].dtype == torch.float32 and ref[0][1].dtype == torch.int64
+
+
+def test_h4_uint8_transport_equals_the_float_path():
+    """The old path normalised first, padded with 0.0 (image) and 255 (label), cropped and mirrored; the new one
+    ships uint8 and a box and normalises on the device: the same float32 values, padding exactly +0.0."""
+    img = np.arange(11 * 13 * 3, dtype=np.int64).reshape(11, 13, 3).__mod__(251).astype(np.uint8)
+    lab = (np.arange(11 * 13).reshape(11, 13) % 5).astype(np.uint8)
+    for norm in (common.Normalize("imagenet"), common.Normalize("caffe"), common.Normalize("caffe", bgr=False)):
+        for seed, (ch, cw) in [(s, c) for s in range(8) for c in ((16, 10), (8, 16), (14, 15))]:
+            rng = random.Random(seed)                                       # the transform's draws, replayed
+            ph, pw = max(ch - 11, 0), max(cw - 13, 0)
+            y0, x0, flip = rng.randint(0, 11 + ph - ch), rng.randint(0, 13 + pw - cw), rng.random() < 0.5
+            f = np.pad(norm(img), ((0, ph), (0, pw), (0, 0)), constant_values=0.0)[y0:y0 + ch, x0:x0 + cw]
+            g = np.pad(lab, ((0, ph), (0, pw)), constant_values=255)[y0:y0 + ch, x0:x0 + cw]
+            f, g = (f[:, ::-1], g[:, ::-1]) if flip else (f, g)
+            u, v, box = common.TrainTransform(norm, crop=(ch, cw), mirror=True)(img, lab, random.Random(seed))
+            assert u.dtype == v.dtype == torch.uint8
+            x = norm.batch(u[None], box[None])[0]
+            assert torch.equal(x, torch.from_numpy(np.ascontiguousarray(f.transpose(2, 0, 1)))), (norm.mode, seed)
+            assert torch.equal(v, torch.from_numpy(np.ascontiguousarray(g)))
+            assert not torch.signbit(x[:, torch.from_numpy(g.copy()) == 255]).any()   # +0.0, not -0.0
+        u, v, box = common.EvalTransform(norm, pad_to=(15, 20))(img, lab)
+        x = norm.batch(u[None], box[None])[0]
+        assert torch.equal(x[:, :11, :13], torch.from_numpy(norm(img).transpose(2, 0, 1).copy()))
+        assert (x[:, 11:] == 0).all() and (x[:, :, 13:] == 0).all() and not torch.signbit(x[:, 11:]).any()
+        assert (v[11:] == 255).all() and (v[:, 13:] == 255).all()
+    loader = common.EvalLoader(common.SegDataset(_h4_dataset().source, ["syn00010", "syn00011"],
+                                                 common.EvalTransform(common.Normalize(), pad_to=(30, 30))), 2)
+    (x, y, ids), = list(loader)
+    assert x.shape == (2, 3, 30, 30) and y.dtype == torch.int64 and (x[:, :, 24:] == 0).all() and list(ids) == ["syn00010", "syn00011"]
+
+
+def test_h4_default_workers_from_the_affinity(tmp_path, monkeypatch):
+    quota = tmp_path / "cpu.max"
+    quota.write_text("max 100000\n")
+    monkeypatch.setattr(common, "CGROUP_CPU_MAX", str(quota))
+    monkeypatch.setattr(os, "cpu_count", lambda: 256)                      # must not be used
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    assert common.available_cpus() == 12
+    assert common.default_workers("cpu", 2, 1) == 0                         # CPU default stays 0
+    assert common.default_workers("cuda", 2, 1) == 5                        # (12 - 1 - 1) // 2; gt stream: 1
+    assert common.default_workers("cuda:1", 1) == 11 and common.default_workers("cuda", 3) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert common.default_workers("cuda", 2, 1) == 7                        # bounded: 2 * 7 + 1 = 15 processes
+    quota.write_text("300000 100000\n")                                     # a container limited to 3 CPUs
+    assert common.available_cpus() == 3 and common.default_workers("cuda", 2, 1) == 1
+    args = hung2018.resolve_args(hung2018.get_parser().parse_args(["--data", "synthetic", "--device", "cuda"]))
+    assert args.workers == 1
+
+
+def test_h4_persistent_workers_draw_new_augmentations_every_pass():
+    ds = _h4_dataset(n=4)
+    loader = common.InfiniteLoader(ds, 2, seed=3, workers=2)
+    batches = [next(loader) for _ in range(4)]                              # 2 passes over 4 images
+    seen = {}
+    for k, (x, y, ids) in enumerate(batches):
+        for j, i in enumerate(ids):
+            seen.setdefault(i, []).append((x[j], y[j]))
+            epoch = k // 2                                                  # what a fresh process draws for this item
+            u, v, box, _ = ds[(epoch, ds.ids.index(i))]
+            assert torch.equal(x[j], ds.transform.normalize.batch(u[None], box[None])[0]) and torch.equal(y[j], v.long())
+    assert sorted(seen) == sorted(ds.ids) and all(len(v) == 2 for v in seen.values())
+    assert all(not torch.equal(a[0], b[0]) for a, b in seen.values())      # no augmentation repeated across passes
+    assert loader.state() == [1, 2]
+
+
+def test_h4_mlmt_batches_equal_the_per_epoch_loaders():
+    """s4gan_mlmt's MLMT stream, now two loaders made once: the same batches as one DataLoader per labeled epoch and
+    per unlabeled pass (passes epoch * 1000 + k, restarted every epoch, the last partial batch kept), also when
+    started at a later epoch (resume)."""
+    import itertools
+    import s4gan_mlmt as s4
+    src = common.SyntheticSource(24, 12, 2, seed=1)
+    lab_ds = s4.MLMTDataset(src, src.splits["train"][:5], 16, 6, seed=3)
+    unl_ds = s4.MLMTDataset(src, src.splits["train"][5:9], 16, 6, seed=4, with_labels=False)   # passes of 3 + 1
+    order = lambda seed, p, n: torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + p)).tolist()
+    stack = lambda ds, p, idx: [torch.stack(t) for t in zip(*[ds[(p, i)] for i in idx])]
+    expected = []                                                       # the old per-epoch loaders, by hand
+    for epoch in range(3):
+        unl = [b for p in range(3) for o in [order(11, epoch * 1000 + p, 4)]
+               for b in [(epoch * 1000 + p, o[0:3]), (epoch * 1000 + p, o[3:])]]
+        o = order(10, epoch, 5)
+        expected += [(stack(lab_ds, epoch, o[b:b + 2]), stack(unl_ds, *unl[k])) for k, b in enumerate((0, 2, 4))]
+    for start in (0, 1):
+        batches, steps = s4.mlmt_batches(lab_ds, unl_ds, 2, 3, 10, start, 0, False)
+        assert steps == 3
+        got = list(itertools.islice(batches, 3 * (3 - start)))
+        for (gl, gu), (el, eu) in zip(got, expected[3 * start:]):
+            assert all(torch.equal(a, b) for a, b in zip(gl, el)) and all(torch.equal(a, b) for a, b in zip(gu, eu))
+        assert gl[0].dtype == torch.uint8 and len(got) == 3 * (3 - start)
