@@ -623,22 +623,7 @@ class SyntheticSource:
             r = rng.uniform(0.17, 0.27) * s
             cy, cx = rng.uniform(r * 0.5, s - r * 0.5), rng.uniform(r * 0.5, s - r * 0.5)
             a = rng.uniform(0, 2 * np.pi)
-            u = np.cos(a) * (xx - cx) + np.sin(a) * (yy - cy)   # object-centred, rotated coordinates
-            v = -np.sin(a) * (xx - cx) + np.cos(a) * (yy - cy)
-            if c == 1:    # disk
-                m = u * u + v * v <= r * r
-            elif c == 2:  # square
-                m = (np.abs(u) <= 0.8 * r) & (np.abs(v) <= 0.8 * r)
-            elif c == 3:  # triangle: three half-planes
-                m = np.ones_like(u, bool)
-                for j in range(3):
-                    b = a + 2 * np.pi * j / 3
-                    m &= np.cos(b) * (xx - cx) + np.sin(b) * (yy - cy) <= 0.55 * r
-            elif c == 4:  # ring
-                d2 = u * u + v * v
-                m = (d2 <= r * r) & (d2 >= (0.45 * r) ** 2)
-            else:         # cross
-                m = ((np.abs(u) <= r) & (np.abs(v) <= 0.35 * r)) | ((np.abs(v) <= r) & (np.abs(u) <= 0.35 * r))
+            m = _shape_mask(c, xx - cx, yy - cy, r, a)
             hue = (c / (cls.NUM_CLASSES - 1) + rng.normal(0, 0.3)) % 1.0   # weak class hint
             col = _hsv_to_rgb(hue, rng.uniform(0.3, 1.0), rng.uniform(0.3, 1.0)) * 255
             shade = 1 + 0.25 * np.sin(xx * rng.uniform(0.2, 0.8) + yy * rng.uniform(0.2, 0.8))[m]
@@ -658,6 +643,27 @@ class SyntheticSource:
 
     def read_label(self, i):
         return self.labels[self.index[i]]
+
+
+def _shape_mask(shape, dx, dy, r, a):
+    """Pixels of one of the five shapes (1 disk, 2 square, 3 triangle, 4 ring, 5 cross) of radius r, rotated by a,
+    given the pixels' offsets (dx, dy) from its centre."""
+    u = np.cos(a) * dx + np.sin(a) * dy   # object-centred, rotated coordinates
+    v = -np.sin(a) * dx + np.cos(a) * dy
+    if shape == 1:    # disk
+        return u * u + v * v <= r * r
+    if shape == 2:    # square
+        return (np.abs(u) <= 0.8 * r) & (np.abs(v) <= 0.8 * r)
+    if shape == 3:    # triangle: three half-planes
+        m = np.ones_like(u, bool)
+        for j in range(3):
+            b = a + 2 * np.pi * j / 3
+            m &= np.cos(b) * dx + np.sin(b) * dy <= 0.55 * r
+        return m
+    if shape == 4:    # ring
+        d2 = u * u + v * v
+        return (d2 <= r * r) & (d2 >= (0.45 * r) ** 2)
+    return ((np.abs(u) <= r) & (np.abs(v) <= 0.35 * r)) | ((np.abs(v) <= r) & (np.abs(u) <= 0.35 * r))   # cross
 
 
 def _hsv_to_rgb(h, s, v):
