@@ -666,6 +666,130 @@ def _shape_mask(shape, dx, dy, r, a):
     return ((np.abs(u) <= r) & (np.abs(v) <= 0.35 * r)) | ((np.abs(v) <= r) & (np.abs(u) <= 0.35 * r))   # cross
 
 
+class SyntheticSceneSource:
+    """Generated data at a paper's image size and class count, to run a paper's whole configuration (network, crops,
+    batch, schedule, evaluation) with nothing to download: for measuring speed and memory (README, "Throughput"),
+    never for accuracy. `--data synthetic-voc` / `--data synthetic-cityscapes` select the paper's own preset.
+
+    kind "voc": 10,582 train / 1,449 val images (the VOC presets' train_aug / val), long side 500 and the other side
+        333-500 (landscape 3 times in 4), 21 classes: background (0) and 20 object classes, the 5 shapes of
+        `SyntheticSource` x 4 fill patterns (plain, stripes, checks, dots); 1-4 objects of radius 8-27% of the
+        short side on a cluttered gradient, a void (255) band about 1% of the short side wide inside object borders.
+    kind "cityscapes": 2,975 / 500 images of 1024x2048, 19 classes: 0 (road) the background and 18 object classes
+        (the first 18 shape x pattern pairs), 6-14 objects of radius 3-12% of the short side, the same border band and
+        a void strip along the bottom (Cityscapes' ego vehicle).
+    Each item is drawn when it is read (so in the loader's worker) from its own generators, seeded by (seed, index):
+    the layout (classes and geometry: all the label needs) from one, the appearance from the other, so `read_label`
+    draws no pixel colours. Nothing is held in memory but the id lists.
+    """
+    KINDS = {"voc": dict(prefix="synvoc", classes=VOCSource.CLASSES, num_train=10582, num_val=1449),
+             "cityscapes": dict(prefix="syncs", classes=CityscapesSource.CLASSES, num_train=2975, num_val=500)}
+    PATTERNS = 4
+
+    def __init__(self, kind="voc", seed=0):
+        if kind not in self.KINDS:
+            raise DataError(f"unknown generated dataset {kind!r}; choose one of: {', '.join(self.KINDS)}")
+        spec = self.KINDS[kind]
+        self.kind, self.seed, self.prefix = kind, seed, spec["prefix"]
+        self.CLASSES = spec["classes"]
+        self.NUM_CLASSES = len(self.CLASSES)
+        ids = [f"{self.prefix}{k:05d}" for k in range(spec["num_train"] + spec["num_val"])]
+        self.splits = {"train": ids[:spec["num_train"]], "val": ids[spec["num_train"]:]}
+
+    def _rngs(self, i):
+        k = i[len(self.prefix):]
+        if not i.startswith(self.prefix) or not k.isdigit():
+            raise DataError(f"{i!r} is not an id of the generated {self.kind} dataset (ids: {self.prefix}00000, ...)")
+        layout, look = np.random.SeedSequence([self.seed, int(k)]).spawn(2)
+        return np.random.default_rng(layout), np.random.default_rng(look)
+
+    def _layout(self, rng):
+        """(height, width, objects as (class, cy, cx, r, angle), height of the bottom void strip)."""
+        if self.kind == "voc":
+            short = int(rng.integers(333, 501))
+            h, w = (short, 500) if rng.random() < 0.75 else (500, short)
+            n, radius, void = int(rng.integers(1, 5)), (0.08, 0.27), 0
+        else:
+            h, w = 1024, 2048
+            n, radius, void = int(rng.integers(6, 15)), (0.03, 0.12), int(rng.uniform(0.08, 0.2) * h)
+        objects = []
+        for _ in range(n):
+            c = int(rng.integers(1, self.NUM_CLASSES))
+            r = rng.uniform(*radius) * min(h, w)
+            objects.append((c, float(rng.uniform(r * 0.5, h - r * 0.5)), float(rng.uniform(r * 0.5, w - r * 0.5)),
+                            float(r), float(rng.uniform(0, 2 * np.pi))))   # python floats: float32 pixel maths
+        return h, w, objects, void
+
+    @staticmethod
+    def _window(h, w, cy, cx, r):
+        """Bounding box of an object (every shape lies within 1.2 r of its centre) and its pixels' offsets."""
+        y0, y1 = max(0, int(cy - 1.2 * r)), min(h, int(cy + 1.2 * r) + 2)
+        x0, x1 = max(0, int(cx - 1.2 * r)), min(w, int(cx + 1.2 * r) + 2)
+        dy = np.arange(y0, y1, dtype=np.float32)[:, None] - np.float32(cy)
+        dx = np.arange(x0, x1, dtype=np.float32)[None, :] - np.float32(cx)
+        return (slice(y0, y1), slice(x0, x1)), dx, dy
+
+    def _labels(self, h, w, objects, void):
+        lab = np.zeros((h, w), np.uint8)
+        inst = np.zeros((h, w), np.int16)
+        masks = []
+        for k, (c, cy, cx, r, a) in enumerate(objects, 1):      # later objects occlude earlier ones
+            win, dx, dy = self._window(h, w, cy, cx, r)
+            m = _shape_mask((c - 1) % 5 + 1, dx, dy, r, a)
+            lab[win][m], inst[win][m] = c, k
+            masks.append((win, m, dx, dy))
+        b = max(1, round(min(h, w) / 100))                        # void band: object pixels within b of another region
+        p = np.pad(inst, b, mode="edge")
+        edge = ((p[b:-b, b:-b] != p[:-2 * b, b:-b]) | (p[b:-b, b:-b] != p[2 * b:, b:-b]) |
+                (p[b:-b, b:-b] != p[b:-b, :-2 * b]) | (p[b:-b, b:-b] != p[b:-b, 2 * b:])) & (inst > 0)
+        lab[edge] = IGNORE
+        if void:
+            lab[h - void:] = IGNORE
+        return lab, masks
+
+    def read_label(self, i):
+        rng, _ = self._rngs(i)
+        return self._labels(*self._layout(rng))[0]
+
+    def read(self, i):
+        rng, look = self._rngs(i)
+        h, w, objects, void = self._layout(rng)
+        lab, masks = self._labels(h, w, objects, void)
+        # background: a colour gradient with clutter (class 0), as in SyntheticSource
+        c0, c1 = look.uniform(0, 255, 3).astype(np.float32), look.uniform(0, 255, 3).astype(np.float32)
+        a = float(look.uniform(0, 2 * np.pi))
+        t = np.cos(a) * np.arange(w, dtype=np.float32)[None, :] + np.sin(a) * np.arange(h, dtype=np.float32)[:, None]
+        t = (t - t.min()) / (np.ptp(t) + 1e-6)
+        img = c0 + (c1 - c0) * t[..., None]                                   # (H, W, 3) float32
+        for _ in range(int(look.integers(3, 9))):                             # patches of stripes
+            r = float(look.uniform(0.02, 0.06) * min(h, w))
+            win, dx, dy = self._window(h, w, look.uniform(0, h), look.uniform(0, w), r)
+            m = (np.abs(dy) < r) & (np.abs(dx) < r) & (np.sin(dx * float(look.uniform(0.3, 1.0))) > 0.3)
+            img[win][m] = 0.5 * img[win][m] + 0.5 * look.uniform(0, 255, 3).astype(np.float32)
+        for (c, cy, cx, r, a), (win, m, dx, dy) in zip(objects, masks):
+            hue = ((c - 1) % 5 / 5 + look.normal(0, 0.3)) % 1.0               # weak hint of the shape
+            col = _hsv_to_rgb(hue, look.uniform(0.3, 1.0), look.uniform(0.3, 1.0)) * 255
+            col2 = _hsv_to_rgb((hue + 0.5) % 1.0, look.uniform(0.3, 1.0), look.uniform(0.3, 1.0)) * 255
+            f = np.float32(look.uniform(0.15, 0.35) * 40 / max(r, 1.0) ** 0.5)   # pattern frequency
+            pattern = (c - 1) // 5
+            u = np.cos(a) * dx + np.sin(a) * dy
+            if pattern == 1:      # stripes along the object's axis
+                p = np.sin(u * f) > 0
+            elif pattern == 2:    # checks
+                p = np.sin(dx * f) * np.sin(dy * f) > 0
+            elif pattern == 3:    # dots
+                p = np.sin(dx * f) + np.sin(dy * f) > 1.2
+            else:                 # plain, softly shaded
+                p = np.zeros(m.shape, bool)
+            shade = np.float32(1) + np.float32(0.2) * np.sin(u * f * np.float32(0.3))
+            fill = np.where(p[..., None], col2, col) * shade[..., None]
+            img[win][m] = np.broadcast_to(fill, m.shape + (3,))[m]
+        if void:
+            img[h - void:] = img[h - void:] * np.float32(0.3)                  # a dark "bonnet"
+        img += look.integers(-12, 13, (h, w, 3), dtype=np.int8)               # pixel noise, uniform (cheaper)
+        return np.clip(img, 0, 255).astype(np.uint8), lab
+
+
 def _hsv_to_rgb(h, s, v):
     i, f = int(h * 6) % 6, h * 6 - int(h * 6)
     p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
@@ -678,13 +802,19 @@ def _synthetic(**kwargs):   # read-only, so one copy per process is enough (the 
 
 
 def make_source(name, root=None, download=False, **synthetic_kwargs):
-    """Build a dataset source by name; the sources list their ids in `.splits['train' | 'val']`."""
+    """Build a dataset source by name; the sources list their ids in `.splits['train' | 'val']`.
+    `synthetic_kwargs` size the 80 px `synthetic` dataset; synthetic-voc / synthetic-cityscapes have the papers' sizes."""
     if name == "synthetic":
         return _synthetic(**synthetic_kwargs)
+    if name in ("synthetic-voc", "synthetic-cityscapes"):
+        return SyntheticSceneSource(name.split("-", 1)[1])
     if name not in ("voc", "cityscapes", "stanford", "context"):
-        raise DataError(f"unknown --data {name!r}; choose one of: voc, cityscapes, stanford, context, synthetic")
+        raise DataError(f"unknown --data {name!r}; choose one of: voc, cityscapes, stanford, context, synthetic, "
+                        f"synthetic-voc, synthetic-cityscapes")
     if not root:
         raise DataError(f"--data {name} needs --data-root pointing at the dataset (see README, 'Datasets')")
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise DataError(f"--data-root {root!r} is a file; it must name the dataset's folder (see README, 'Datasets')")
     if not download and not os.path.isdir(root):
         raise DataError(f"--data-root {root!r} does not exist (see README, 'Datasets')")
     return {"voc": VOCSource, "cityscapes": CityscapesSource, "stanford": StanfordBackgroundSource,
@@ -848,7 +978,7 @@ CITYSCAPES_COLORS = [(128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 15
 
 
 def palette(name):
-    if name == "cityscapes":
+    if name in ("cityscapes", "synthetic-cityscapes"):
         pal = np.zeros((256, 3), np.uint8)
         pal[:19] = CITYSCAPES_COLORS
         pal[IGNORE] = (255, 255, 255)
