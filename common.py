@@ -10,9 +10,11 @@ weights expect (`Normalize`), label an int64 tensor (H, W) with values 0..C-1 or
 Bad input raises `DataError` with a message that says what to do; the scripts print it as one line and exit 2.
 """
 import functools
+import json
 import math
 import os
 import random
+import time
 import warnings
 
 import numpy as np
@@ -1020,3 +1022,140 @@ def save_grid(path, rows):
         for j, im in enumerate(row):
             canvas[i * (h + g):i * (h + g) + h, j * (w + g):j * (w + g) + w] = im
     Image.fromarray(canvas).save(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Throughput: --benchmark and --compile (README, "Throughput")
+# ----------------------------------------------------------------------------------------------------------------
+# Dense bf16 tensor-core peaks in TFLOP/s from the vendors' datasheets (the figure without 2:4 sparsity), matched as
+# substrings of torch.cuda.get_device_name in this order (the more specific names first). `--peak-tflops` overrides;
+# a device not listed (and the CPU) gets null.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
+                    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
+                    ("RTX 4090", 165.0))
+COMPILE_OPTIONS = {}     # keyword arguments of torch.compile (the tests use {"backend": "eager"})
+
+
+class TimedStream:
+    """Proxy of an endless training stream: sums the time spent blocked in next() (`wait`, seconds) and the images
+    drawn (`images`: batches of (image, label, id); a labels-only stream yields a tensor and counts none). With
+    `full_batch` it skips the batches that are smaller (a pass's last one), so that a compiled network sees one batch
+    shape: the same batches as a loader built with min_batch = batch size. `state()` and the rest pass through."""
+
+    def __init__(self, stream, full_batch=None):
+        self.stream, self.full_batch, self.wait, self.images = stream, full_batch, 0.0, 0
+
+    def __next__(self):
+        t = time.perf_counter()
+        while True:
+            batch = next(self.stream)
+            n = len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)
+            if not self.full_batch or n >= self.full_batch:
+                break
+        self.wait += time.perf_counter() - t
+        self.images += n if isinstance(batch, (list, tuple)) else 0
+        return batch
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["stream"], name)
+
+
+def compile_modules(modules, streams, batch_size):
+    """--compile: torch.compile each network in place (nn.Module.compile: state dicts keep their plain names) and
+    give the training streams whole batches only (no recompilation for a pass's short last batch)."""
+    for m in modules:
+        m.compile(**COMPILE_OPTIONS)
+    for k in streams:
+        streams[k] = TimedStream(streams[k], batch_size)
+
+
+def benchmark(args, run_dir, streams, modules, end, train_from):
+    """--benchmark N: time N iterations of the script's own training loop, write benchmark.json into the run folder
+    and return its dict; nothing is evaluated, drawn or checkpointed.
+
+    `train_from(i)` runs the loop from iteration i up to args.stop_at; `end` is the loop's length. The iterations are
+    the schedule's last ones, where every loss term is on (L_semi and the like start late): one iteration under
+    torch's FlopCounterMode first (eager: the FLOPs of one iteration, forward and backward), then --compile, then
+    W = N // 5 + 1 warm-up iterations (at least 5 with --compile: compilation and the recompiles for a second batch
+    shape), then the N timed ones. On CUDA the device is synchronised only before and after the timed window; the
+    data wait is the time blocked in next() on the streams inside it. With the environment variable
+    SEG_SYNC_DEBUG=1 the timed window runs under torch.cuda.set_sync_debug_mode("warn") and the host-device syncs
+    it reports are counted, with their source lines, in benchmark.json (the loop's closing log line is one).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+    n, device = args.benchmark, torch.device(args.device)
+    warm = max(n // 5 + 1, 5 if args.compile else 1)
+    if end < 1 + warm + n:
+        raise DataError(f"--benchmark {n} needs {1 + warm + n} iterations (1 counted, {warm} warm-up, {n} timed) "
+                        f"but the schedule has {end}; raise --num-steps")
+    i0, cuda = end - (1 + warm + n), device.type == "cuda"
+    for k in streams:
+        streams[k] = TimedStream(streams[k], args.batch_size if args.compile else None)
+
+    def run_to(start, stop):
+        args.stop_at = stop
+        train_from(start)
+
+    with FlopCounterMode(display=False) as counter:
+        run_to(i0, i0 + 1)
+    flops = counter.get_total_flops()
+    if args.compile:
+        for m in modules:
+            m.compile(**COMPILE_OPTIONS)
+    from torch._dynamo.utils import counters
+    graphs = counters["stats"]
+    run_to(i0 + 1, i0 + 1 + warm)
+    graphs_warm = graphs["unique_graphs"]
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    for s in streams.values():
+        s.wait, s.images = 0.0, 0
+    sync_debug = cuda and os.environ.get("SEG_SYNC_DEBUG") == "1"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if sync_debug:
+            torch.cuda.set_sync_debug_mode("warn")
+        t = time.perf_counter()
+        run_to(i0 + 1 + warm, i0 + 1 + warm + n)
+        if sync_debug:
+            torch.cuda.set_sync_debug_mode("default")
+        if cuda:
+            torch.cuda.synchronize(device)
+        wall = time.perf_counter() - t
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    for w in caught:
+        if w not in syncs:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    peak = args.peak_tflops
+    if peak is None and cuda:
+        peak = next((v for k, v in PEAK_BF16_TFLOPS if k in name), None)
+    achieved = flops * n / wall / 1e12
+    report = {
+        "device": name, "dtype": "bf16" if cuda and not args.no_amp else "fp32", "compile": bool(args.compile),
+        "batch_size": args.batch_size, "crop": getattr(args, "crop_size", None), "resize": getattr(args, "resize", None),
+        "data": args.data, "workers": args.workers, "torch": torch.__version__,
+        "iterations": n, "warmup_iterations": warm, "first_timed_iteration": i0 + 1 + warm, "wall_s": wall,
+        "iterations_per_s": n / wall, "images_per_s": sum(s.images for s in streams.values()) / wall,
+        "data_wait_share": sum(s.wait for s in streams.values()) / wall,
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+        "flops_per_iteration": flops, "achieved_tflops": achieved,
+        "peak_bf16_tflops": peak, "peak_source": None if peak is None else
+        ("--peak-tflops" if args.peak_tflops else "vendor datasheet, dense bf16"),
+        "fraction_of_peak": achieved / peak if peak else None,
+        "graphs_compiled_after_warmup": graphs_warm if args.compile else None,
+        "graphs_compiled_in_timed_window": graphs["unique_graphs"] - graphs_warm if args.compile else None,
+        "sync_warnings": ({"count": len(syncs), "where": sorted({f"{os.path.basename(w.filename)}:{w.lineno}"
+                                                                  for w in syncs})} if sync_debug else None),
+    }
+    with open(os.path.join(run_dir, "benchmark.json.tmp"), "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(os.path.join(run_dir, "benchmark.json.tmp"), os.path.join(run_dir, "benchmark.json"))
+    print(f"benchmark: {n} iterations in {wall:.2f} s: {report['iterations_per_s']:.3f} it/s, "
+          f"{report['images_per_s']:.1f} img/s, data wait {100 * report['data_wait_share']:.1f}%, "
+          f"{flops / 1e9:.1f} GFLOP/iteration, {achieved:.3f} TFLOP/s"
+          + (f" ({100 * report['fraction_of_peak']:.1f}% of {peak:g})" if peak else "")
+          + (f", peak memory {report['peak_gpu_memory_gib']:.2f} GiB" if cuda else "")
+          + f" ({report['dtype']}, compile {'on' if args.compile else 'off'}; {run_dir}/benchmark.json)", flush=True)
+    return report
