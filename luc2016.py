@@ -892,7 +892,7 @@ def run(argv=None):
     if args.benchmark:    # README, "Throughput": timed training iterations only
         return common.benchmark(args, run_dir, streams, [model, A], total_iterations(args),
                                 lambda i: train(args, run_dir, model, A, opt_S, opt_A,
-                                                streams["train"], select_loader, i, class_names, best)[0))
+                                                streams["train"], select_loader, i, class_names, best)[0])
     if args.compile:
         common.compile_modules([model, A], streams, args.batch_size)
         stream = streams["train"]
