@@ -1135,8 +1135,8 @@ def benchmark(args, run_dir, streams, modules, end, train_from):
     achieved = flops * n / wall / 1e12
     report = {
         "device": name, "dtype": "bf16" if cuda and not args.no_amp else "fp32", "compile": bool(args.compile),
-        "batch_size": args.batch_size, "crop": getattr(args, "crop_size", None),
-        "resize": getattr(args, "resize", None),
+        "batch_size": args.batch_size, **{k: None if getattr(args, a, None) is None else list(getattr(args, a))
+                                          for k, a in (("crop", "crop_size"), ("resize", "resize"))},
         "data": args.data, "workers": args.workers, "torch": torch.__version__,
         "iterations": n, "warmup_iterations": warm, "first_timed_iteration": i0 + 1 + warm, "wall_s": wall,
         "iterations_per_s": n / wall, "images_per_s": sum(s.images for s in streams.values()) / wall,
