@@ -1030,10 +1030,12 @@ def save_grid(path, rows):
 # Dense bf16 tensor-core peaks in TFLOP/s from the vendors' datasheets (the figure without 2:4 sparsity), matched as
 # substrings of torch.cuda.get_device_name in this order (the more specific names first). `--peak-tflops` overrides;
 # a device not listed (and the CPU) gets null.
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
-                    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
-                    ("RTX 4090", 165.0))
-COMPILE_OPTIONS = {}     # keyword arguments of torch.compile (the tests use {"backend": "eager"})
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.5), ("H100 NVL", 835.5), ("H200 NVL", 835.5), ("H100", 989.4), ("H200", 989.4),
+                    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.05), ("L40", 181.05), ("L4", 121.0),
+                    ("RTX 4090", 165.2))
+# keyword arguments of torch.compile; SEG_COMPILE_BACKEND=eager (dynamo's graphs without inductor's code generation)
+# is for checking the compiled path cheaply on a CPU (the tests, results/gpu_benchmark.sh with GPU_BENCH_TINY=1)
+COMPILE_OPTIONS = {"backend": os.environ["SEG_COMPILE_BACKEND"]} if os.environ.get("SEG_COMPILE_BACKEND") else {}
 
 
 class TimedStream:

@@ -724,7 +724,7 @@ def train(args, run_dir, model, D, opt_S, opt_D, streams, val_loader, normalize,
             t_last, i_last, images = time.time(), it, 0
         if not args.benchmark and (it % args.save_every == 0 or it == stop):   # --benchmark: no checkpoint
             save_checkpoint(run_dir, it, model, D, opt_S, opt_D, streams)
-        if it == args.semi_start and len(D) and it < args.num_steps:   # card 15.8: calibration after phase A
+        if it == args.semi_start and len(D) and it < args.num_steps and not args.benchmark:   # card 15.8
             with torch.random.fork_rng(devices=[]):
                 _, calib, _ = evaluate(model, D, val_loader, C, device, amp, 0, args)
             with open(os.path.join(run_dir, "calibration_warmup.json"), "w") as f:
