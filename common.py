@@ -1102,11 +1102,12 @@ def benchmark(args, run_dir, streams, modules, end, train_from):
     with FlopCounterMode(display=False) as counter:
         run_to(i0, i0 + 1)
     flops = counter.get_total_flops()
+    from torch._dynamo.utils import counters
+    graphs = counters["stats"]
+    graphs_before = graphs["unique_graphs"]                     # graphs this process compiled before (none, normally)
     if args.compile:
         for m in modules:
             m.compile(**COMPILE_OPTIONS)
-    from torch._dynamo.utils import counters
-    graphs = counters["stats"]
     run_to(i0 + 1, i0 + 1 + warm)
     graphs_warm = graphs["unique_graphs"]
     if cuda:
@@ -1148,7 +1149,7 @@ def benchmark(args, run_dir, streams, modules, end, train_from):
         "peak_bf16_tflops": peak, "peak_source": None if peak is None else
         ("--peak-tflops" if args.peak_tflops else "vendor datasheet, dense bf16"),
         "fraction_of_peak": achieved / peak if peak else None,
-        "graphs_compiled_after_warmup": graphs_warm if args.compile else None,
+        "graphs_compiled_in_warmup": graphs_warm - graphs_before if args.compile else None,
         "graphs_compiled_in_timed_window": graphs["unique_graphs"] - graphs_warm if args.compile else None,
         "sync_warnings": ({"count": len(syncs), "where": sorted({f"{os.path.basename(w.filename)}:{w.lineno}"
                                                                   for w in syncs})} if sync_debug else None),

@@ -1668,7 +1668,7 @@ BENCH_SMALL = {
 BENCH_KEYS = {"device", "dtype", "compile", "batch_size", "crop", "resize", "data", "workers", "torch", "iterations",
               "warmup_iterations", "first_timed_iteration", "wall_s", "iterations_per_s", "images_per_s",
               "data_wait_share", "peak_gpu_memory_gib", "flops_per_iteration", "achieved_tflops", "peak_bf16_tflops",
-              "peak_source", "fraction_of_peak", "graphs_compiled_after_warmup", "graphs_compiled_in_timed_window",
+              "peak_source", "fraction_of_peak", "graphs_compiled_in_warmup", "graphs_compiled_in_timed_window",
               "sync_warnings"}
 
 
@@ -1712,7 +1712,7 @@ def test_benchmark_synthetic_voc_cpu(name, tmp_path, one_thread):
         assert r["fraction_of_peak"] == pytest.approx(r["achieved_tflops"] / 2)
     else:
         assert r["peak_bf16_tflops"] is None and r["fraction_of_peak"] is None   # CPU: no known peak
-    assert r["graphs_compiled_after_warmup"] is None and r["sync_warnings"] is None
+    assert r["graphs_compiled_in_warmup"] is None and r["sync_warnings"] is None
     files = set(os.listdir(out))
     assert "benchmark.json" in files and not files & {"metrics.json", "last.pt", "predictions.png", "best.pt"}, files
 
@@ -1721,7 +1721,7 @@ def test_benchmark_compile_no_recompile_and_plain_names(tmp_path, one_thread, mo
     monkeypatch.setattr(common, "COMPILE_OPTIONS", {"backend": "eager"})   # dynamo's graphs without inductor's cost
     r = _bench("hung2018", tmp_path / "bench", "--compile")
     assert r["compile"] is True and r["warmup_iterations"] == 5
-    assert r["graphs_compiled_after_warmup"] >= 2                            # S and D at least
+    assert r["graphs_compiled_in_warmup"] >= 2                            # S and D at least
     assert r["graphs_compiled_in_timed_window"] == 0                         # no recompilation per iteration
     # compiled in place: the scripts keep (and save) the module itself, whose state dict has the plain names
     model, streams = hung2018.DeepLabV2(6, "resnet18", (1, 2, 3, 4), width=8), {"labeled": iter([])}

@@ -96,8 +96,8 @@ rows = []
 for path in sorted(glob.glob(os.path.join(out, "*", "benchmark.json"))):
     tag = os.path.basename(os.path.dirname(path))
     r = json.load(open(path))
-    graphs = "-" if r["graphs_compiled_after_warmup"] is None else \
-        f"{r['graphs_compiled_after_warmup']} / {r['graphs_compiled_in_timed_window']}"
+    graphs = "-" if r["graphs_compiled_in_warmup"] is None else \
+        f"{r['graphs_compiled_in_warmup']} / {r['graphs_compiled_in_timed_window']}"
     syncs = "-" if r["sync_warnings"] is None else \
         f"{r['sync_warnings']['count']} ({', '.join(r['sync_warnings']['where']) or 'none'})"
     rows.append(f"| {tag} | {r['device']} | {r['dtype']} | "
