@@ -13,9 +13,11 @@ boundaries.
 Bad input raises `DataError` with a message that says what to do; the scripts print it as one line and exit 2.
 """
 import functools
+import json
 import math
 import os
 import random
+import time
 import warnings
 
 import numpy as np
@@ -893,22 +895,7 @@ class SyntheticSource:
             r = rng.uniform(0.17, 0.27) * s
             cy, cx = rng.uniform(r * 0.5, s - r * 0.5), rng.uniform(r * 0.5, s - r * 0.5)
             a = rng.uniform(0, 2 * np.pi)
-            u = np.cos(a) * (xx - cx) + np.sin(a) * (yy - cy)   # object-centred, rotated coordinates
-            v = -np.sin(a) * (xx - cx) + np.cos(a) * (yy - cy)
-            if c == 1:    # disk
-                m = u * u + v * v <= r * r
-            elif c == 2:  # square
-                m = (np.abs(u) <= 0.8 * r) & (np.abs(v) <= 0.8 * r)
-            elif c == 3:  # triangle: three half-planes
-                m = np.ones_like(u, bool)
-                for j in range(3):
-                    b = a + 2 * np.pi * j / 3
-                    m &= np.cos(b) * (xx - cx) + np.sin(b) * (yy - cy) <= 0.55 * r
-            elif c == 4:  # ring
-                d2 = u * u + v * v
-                m = (d2 <= r * r) & (d2 >= (0.45 * r) ** 2)
-            else:         # cross
-                m = ((np.abs(u) <= r) & (np.abs(v) <= 0.35 * r)) | ((np.abs(v) <= r) & (np.abs(u) <= 0.35 * r))
+            m = _shape_mask(c, xx - cx, yy - cy, r, a)
             hue = (c / (cls.NUM_CLASSES - 1) + rng.normal(0, 0.3)) % 1.0   # weak class hint
             col = _hsv_to_rgb(hue, rng.uniform(0.3, 1.0), rng.uniform(0.3, 1.0)) * 255
             shade = 1 + 0.25 * np.sin(xx * rng.uniform(0.2, 0.8) + yy * rng.uniform(0.2, 0.8))[m]
@@ -930,6 +917,151 @@ class SyntheticSource:
         return self.labels[self.index[i]]
 
 
+def _shape_mask(shape, dx, dy, r, a):
+    """Pixels of one of the five shapes (1 disk, 2 square, 3 triangle, 4 ring, 5 cross) of radius r, rotated by a,
+    given the pixels' offsets (dx, dy) from its centre."""
+    u = np.cos(a) * dx + np.sin(a) * dy   # object-centred, rotated coordinates
+    v = -np.sin(a) * dx + np.cos(a) * dy
+    if shape == 1:    # disk
+        return u * u + v * v <= r * r
+    if shape == 2:    # square
+        return (np.abs(u) <= 0.8 * r) & (np.abs(v) <= 0.8 * r)
+    if shape == 3:    # triangle: three half-planes
+        m = np.ones_like(u, bool)
+        for j in range(3):
+            b = a + 2 * np.pi * j / 3
+            m &= np.cos(b) * dx + np.sin(b) * dy <= 0.55 * r
+        return m
+    if shape == 4:    # ring
+        d2 = u * u + v * v
+        return (d2 <= r * r) & (d2 >= (0.45 * r) ** 2)
+    return ((np.abs(u) <= r) & (np.abs(v) <= 0.35 * r)) | ((np.abs(v) <= r) & (np.abs(u) <= 0.35 * r))   # cross
+
+
+class SyntheticSceneSource:
+    """Generated data at a paper's image size and class count, to run a paper's whole configuration (network, crops,
+    batch, schedule, evaluation) with nothing to download: for measuring speed and memory (README, "Throughput"),
+    never for accuracy. `--data synthetic-voc` / `--data synthetic-cityscapes` select the paper's own preset.
+
+    kind "voc": 10,582 train / 1,449 val images (the VOC presets' train_aug / val), long side 500 and the other side
+        333-500 (landscape 3 times in 4), 21 classes: background (0) and 20 object classes, the 5 shapes of
+        `SyntheticSource` x 4 fill patterns (plain, stripes, checks, dots); 1-4 objects of radius 8-27% of the
+        short side on a cluttered gradient, a void (255) band about 1% of the short side wide inside object borders.
+    kind "cityscapes": 2,975 / 500 images of 1024x2048, 19 classes: 0 (road) the background and 18 object classes
+        (the first 18 shape x pattern pairs), 6-14 objects of radius 3-12% of the short side, the same border band and
+        a void strip along the bottom (Cityscapes' ego vehicle).
+    Each item is drawn when it is read (so in the loader's worker) from its own generators, seeded by (seed, index):
+    the layout (classes and geometry: all the label needs) from one, the appearance from the other, so `read_label`
+    draws no pixel colours. Nothing is held in memory but the id lists.
+    """
+    KINDS = {"voc": dict(prefix="synvoc", classes=VOCSource.CLASSES, num_train=10582, num_val=1449),
+             "cityscapes": dict(prefix="syncs", classes=CityscapesSource.CLASSES, num_train=2975, num_val=500)}
+    PATTERNS = 4
+
+    def __init__(self, kind="voc", seed=0):
+        if kind not in self.KINDS:
+            raise DataError(f"unknown generated dataset {kind!r}; choose one of: {', '.join(self.KINDS)}")
+        spec = self.KINDS[kind]
+        self.kind, self.seed, self.prefix = kind, seed, spec["prefix"]
+        self.CLASSES = spec["classes"]
+        self.NUM_CLASSES = len(self.CLASSES)
+        ids = [f"{self.prefix}{k:05d}" for k in range(spec["num_train"] + spec["num_val"])]
+        self.splits = {"train": ids[:spec["num_train"]], "val": ids[spec["num_train"]:]}
+
+    def _rngs(self, i):
+        k = i[len(self.prefix):]
+        if not i.startswith(self.prefix) or not k.isdigit():
+            raise DataError(f"{i!r} is not an id of the generated {self.kind} dataset (ids: {self.prefix}00000, ...)")
+        layout, look = np.random.SeedSequence([self.seed, int(k)]).spawn(2)
+        return np.random.default_rng(layout), np.random.default_rng(look)
+
+    def _layout(self, rng):
+        """(height, width, objects as (class, cy, cx, r, angle), height of the bottom void strip)."""
+        if self.kind == "voc":
+            short = int(rng.integers(333, 501))
+            h, w = (short, 500) if rng.random() < 0.75 else (500, short)
+            n, radius, void = int(rng.integers(1, 5)), (0.08, 0.27), 0
+        else:
+            h, w = 1024, 2048
+            n, radius, void = int(rng.integers(6, 15)), (0.03, 0.12), int(rng.uniform(0.08, 0.2) * h)
+        objects = []
+        for _ in range(n):
+            c = int(rng.integers(1, self.NUM_CLASSES))
+            r = rng.uniform(*radius) * min(h, w)
+            objects.append((c, float(rng.uniform(r * 0.5, h - r * 0.5)), float(rng.uniform(r * 0.5, w - r * 0.5)),
+                            float(r), float(rng.uniform(0, 2 * np.pi))))   # python floats: float32 pixel maths
+        return h, w, objects, void
+
+    @staticmethod
+    def _window(h, w, cy, cx, r):
+        """Bounding box of an object (every shape lies within 1.2 r of its centre) and its pixels' offsets."""
+        y0, y1 = max(0, int(cy - 1.2 * r)), min(h, int(cy + 1.2 * r) + 2)
+        x0, x1 = max(0, int(cx - 1.2 * r)), min(w, int(cx + 1.2 * r) + 2)
+        dy = np.arange(y0, y1, dtype=np.float32)[:, None] - np.float32(cy)
+        dx = np.arange(x0, x1, dtype=np.float32)[None, :] - np.float32(cx)
+        return (slice(y0, y1), slice(x0, x1)), dx, dy
+
+    def _labels(self, h, w, objects, void):
+        lab = np.zeros((h, w), np.uint8)
+        inst = np.zeros((h, w), np.int16)
+        masks = []
+        for k, (c, cy, cx, r, a) in enumerate(objects, 1):      # later objects occlude earlier ones
+            win, dx, dy = self._window(h, w, cy, cx, r)
+            m = _shape_mask((c - 1) % 5 + 1, dx, dy, r, a)
+            lab[win][m], inst[win][m] = c, k
+            masks.append((win, m, dx, dy))
+        b = max(1, round(min(h, w) / 100))                        # void band: object pixels within b of another region
+        p = np.pad(inst, b, mode="edge")
+        edge = ((p[b:-b, b:-b] != p[:-2 * b, b:-b]) | (p[b:-b, b:-b] != p[2 * b:, b:-b]) |
+                (p[b:-b, b:-b] != p[b:-b, :-2 * b]) | (p[b:-b, b:-b] != p[b:-b, 2 * b:])) & (inst > 0)
+        lab[edge] = IGNORE
+        if void:
+            lab[h - void:] = IGNORE
+        return lab, masks
+
+    def read_label(self, i):
+        rng, _ = self._rngs(i)
+        return self._labels(*self._layout(rng))[0]
+
+    def read(self, i):
+        rng, look = self._rngs(i)
+        h, w, objects, void = self._layout(rng)
+        lab, masks = self._labels(h, w, objects, void)
+        # background: a colour gradient with clutter (class 0), as in SyntheticSource
+        c0, c1 = look.uniform(0, 255, 3).astype(np.float32), look.uniform(0, 255, 3).astype(np.float32)
+        a = float(look.uniform(0, 2 * np.pi))
+        t = np.cos(a) * np.arange(w, dtype=np.float32)[None, :] + np.sin(a) * np.arange(h, dtype=np.float32)[:, None]
+        t = (t - t.min()) / (np.ptp(t) + 1e-6)
+        img = c0 + (c1 - c0) * t[..., None]                                   # (H, W, 3) float32
+        for _ in range(int(look.integers(3, 9))):                             # patches of stripes
+            r = float(look.uniform(0.02, 0.06) * min(h, w))
+            win, dx, dy = self._window(h, w, look.uniform(0, h), look.uniform(0, w), r)
+            m = (np.abs(dy) < r) & (np.abs(dx) < r) & (np.sin(dx * float(look.uniform(0.3, 1.0))) > 0.3)
+            img[win][m] = 0.5 * img[win][m] + 0.5 * look.uniform(0, 255, 3).astype(np.float32)
+        for (c, cy, cx, r, a), (win, m, dx, dy) in zip(objects, masks):
+            hue = ((c - 1) % 5 / 5 + look.normal(0, 0.3)) % 1.0               # weak hint of the shape
+            col = _hsv_to_rgb(hue, look.uniform(0.3, 1.0), look.uniform(0.3, 1.0)) * 255
+            col2 = _hsv_to_rgb((hue + 0.5) % 1.0, look.uniform(0.3, 1.0), look.uniform(0.3, 1.0)) * 255
+            f = np.float32(look.uniform(0.15, 0.35) * 40 / max(r, 1.0) ** 0.5)   # pattern frequency
+            pattern = (c - 1) // 5
+            u = np.cos(a) * dx + np.sin(a) * dy
+            if pattern == 1:      # stripes along the object's axis
+                p = np.sin(u * f) > 0
+            elif pattern == 2:    # checks
+                p = np.sin(dx * f) * np.sin(dy * f) > 0
+            elif pattern == 3:    # dots
+                p = np.sin(dx * f) + np.sin(dy * f) > 1.2
+            else:                 # plain, softly shaded
+                p = np.zeros(m.shape, bool)
+            shade = np.float32(1) + np.float32(0.2) * np.sin(u * f * np.float32(0.3))
+            fill = np.where(p[..., None], col2, col) * shade[..., None]
+            img[win][m] = np.broadcast_to(fill, m.shape + (3,))[m]
+        if void:
+            img[h - void:] = img[h - void:] * np.float32(0.3)                  # a dark "bonnet"
+        img += look.integers(-12, 13, (h, w, 3), dtype=np.int8)               # pixel noise, uniform (cheaper)
+        return np.clip(img, 0, 255).astype(np.uint8), lab
+
+
 def _hsv_to_rgb(h, s, v):
     i, f = int(h * 6) % 6, h * 6 - int(h * 6)
     p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
@@ -942,13 +1074,19 @@ def _synthetic(**kwargs):   # read-only, so one copy per process is enough (the 
 
 
 def make_source(name, root=None, download=False, **synthetic_kwargs):
-    """Build a dataset source by name; the sources list their ids in `.splits['train' | 'val']`."""
+    """Build a dataset source by name; the sources list their ids in `.splits['train' | 'val']`.
+    `synthetic_kwargs` size the 80 px `synthetic` dataset; synthetic-voc and synthetic-cityscapes have fixed sizes."""
     if name == "synthetic":
         return _synthetic(**synthetic_kwargs)
+    if name in ("synthetic-voc", "synthetic-cityscapes"):
+        return SyntheticSceneSource(name.split("-", 1)[1])
     if name not in ("voc", "cityscapes", "stanford", "context"):
-        raise DataError(f"unknown --data {name!r}; choose one of: voc, cityscapes, stanford, context, synthetic")
+        raise DataError(f"unknown --data {name!r}; choose one of: voc, cityscapes, stanford, context, synthetic, "
+                        f"synthetic-voc, synthetic-cityscapes")
     if not root:
         raise DataError(f"--data {name} needs --data-root pointing at the dataset (see README, 'Datasets')")
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise DataError(f"--data-root {root!r} is a file; it must name the dataset's folder (see README, 'Datasets')")
     if not download and not os.path.isdir(root):
         raise DataError(f"--data-root {root!r} does not exist (see README, 'Datasets')")
     return {"voc": VOCSource, "cityscapes": CityscapesSource, "stanford": StanfordBackgroundSource,
@@ -1112,7 +1250,7 @@ CITYSCAPES_COLORS = [(128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 15
 
 
 def palette(name):
-    if name == "cityscapes":
+    if name in ("cityscapes", "synthetic-cityscapes"):
         pal = np.zeros((256, 3), np.uint8)
         pal[:19] = CITYSCAPES_COLORS
         pal[IGNORE] = (255, 255, 255)
@@ -1154,3 +1292,145 @@ def save_grid(path, rows):
         for j, im in enumerate(row):
             canvas[i * (h + g):i * (h + g) + h, j * (w + g):j * (w + g) + w] = im
     Image.fromarray(canvas).save(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Throughput: --benchmark and --compile (README, "Throughput")
+# ----------------------------------------------------------------------------------------------------------------
+# Dense bf16 tensor-core peaks in TFLOP/s from the vendors' datasheets (the figure without 2:4 sparsity), matched as
+# substrings of torch.cuda.get_device_name in this order (the more specific names first). `--peak-tflops` overrides;
+# a device not listed (and the CPU) gets null.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.5), ("H100 NVL", 835.5), ("H200 NVL", 835.5), ("H100", 989.4), ("H200", 989.4),
+                    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.05), ("L40", 181.05), ("L4", 121.0),
+                    ("RTX 4090", 165.2))
+# keyword arguments of torch.compile; SEG_COMPILE_BACKEND=eager (dynamo's graphs without inductor's code generation)
+# is for checking the compiled path cheaply on a CPU (the tests, results/gpu_benchmark.sh with GPU_BENCH_TINY=1)
+COMPILE_OPTIONS = {"backend": os.environ["SEG_COMPILE_BACKEND"]} if os.environ.get("SEG_COMPILE_BACKEND") else {}
+
+
+class TimedStream:
+    """Proxy of an endless training stream: sums the time spent blocked in next() (`wait`, seconds) and the images
+    drawn (`images`: batches of (image, label, id); a labels-only stream yields a tensor and counts none). With
+    `full_batch` it skips the batches that are smaller (a pass's last one), so that a compiled network sees one batch
+    shape: the same batches as a loader built with min_batch = batch size. `state()` and the rest pass through."""
+
+    def __init__(self, stream, full_batch=None):
+        self.stream, self.full_batch, self.wait, self.images = stream, full_batch, 0.0, 0
+
+    def __next__(self):
+        t = time.perf_counter()
+        while True:
+            batch = next(self.stream)
+            n = len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)
+            if not self.full_batch or n >= self.full_batch:
+                break
+        self.wait += time.perf_counter() - t
+        self.images += n if isinstance(batch, (list, tuple)) else 0
+        return batch
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["stream"], name)
+
+
+def compile_modules(modules, streams, batch_size):
+    """--compile: torch.compile each network in place (nn.Module.compile: state dicts keep their plain names) and
+    give the training streams whole batches only (no recompilation for a pass's short last batch)."""
+    for m in modules:
+        m.compile(**COMPILE_OPTIONS)
+    for k in streams:
+        streams[k] = TimedStream(streams[k], batch_size)
+
+
+def benchmark(args, run_dir, streams, modules, end, train_from):
+    """--benchmark N: time N iterations of the script's own training loop, write benchmark.json into the run folder
+    and return its dict; nothing is evaluated, drawn or checkpointed.
+
+    `train_from(i)` runs the loop from iteration i up to args.stop_at; `end` is the loop's length. The iterations are
+    the schedule's last ones, where every loss term is on (L_semi and the like start late): one iteration under
+    torch's FlopCounterMode first (eager: the FLOPs of one iteration, forward and backward), then --compile, then
+    W = N // 5 + 1 warm-up iterations (at least 5 with --compile: compilation and the recompiles for a second batch
+    shape), then the N timed ones. On CUDA the device is synchronised only before and after the timed window; the
+    data wait is the time blocked in next() on the streams inside it. With the environment variable
+    SEG_SYNC_DEBUG=1 the timed window runs under torch.cuda.set_sync_debug_mode("warn") and the host-device syncs
+    it reports are counted, with their source lines, in benchmark.json (the loop's closing log line is one).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+    n, device = args.benchmark, torch.device(args.device)
+    warm = max(n // 5 + 1, 5 if args.compile else 1)
+    if end < 1 + warm + n:
+        raise DataError(f"--benchmark {n} needs {1 + warm + n} iterations (1 counted, {warm} warm-up, {n} timed) "
+                        f"but the schedule has {end}; raise --num-steps")
+    i0, cuda = end - (1 + warm + n), device.type == "cuda"
+    for k in streams:
+        streams[k] = TimedStream(streams[k], args.batch_size if args.compile else None)
+    args.log_every, args.eval_every = 10 ** 9, 0      # the loop logs (one sync) only when it stops; no evaluation
+
+    def run_to(start, stop):
+        args.stop_at = stop
+        train_from(start)
+
+    with FlopCounterMode(display=False) as counter:
+        run_to(i0, i0 + 1)
+    flops = counter.get_total_flops()
+    from torch._dynamo.utils import counters
+    graphs = counters["stats"]
+    graphs_before = graphs["unique_graphs"]                     # graphs this process compiled before (none, normally)
+    if args.compile:
+        for m in modules:
+            m.compile(**COMPILE_OPTIONS)
+    run_to(i0 + 1, i0 + 1 + warm)
+    graphs_warm = graphs["unique_graphs"]
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    for s in streams.values():
+        s.wait, s.images = 0.0, 0
+    sync_debug = cuda and os.environ.get("SEG_SYNC_DEBUG") == "1"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if sync_debug:
+            torch.cuda.set_sync_debug_mode("warn")
+        t = time.perf_counter()
+        run_to(i0 + 1 + warm, i0 + 1 + warm + n)
+        if sync_debug:
+            torch.cuda.set_sync_debug_mode("default")
+        if cuda:
+            torch.cuda.synchronize(device)
+        wall = time.perf_counter() - t
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    for w in caught:
+        if w not in syncs:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    peak = args.peak_tflops
+    if peak is None and cuda:
+        peak = next((v for k, v in PEAK_BF16_TFLOPS if k in name), None)
+    achieved = flops * n / wall / 1e12
+    report = {
+        "device": name, "dtype": "bf16" if cuda and not args.no_amp else "fp32", "compile": bool(args.compile),
+        "batch_size": args.batch_size, **{k: None if getattr(args, a, None) is None else list(getattr(args, a))
+                                          for k, a in (("crop", "crop_size"), ("resize", "resize"))},
+        "data": args.data, "workers": args.workers, "torch": torch.__version__,
+        "iterations": n, "warmup_iterations": warm, "first_timed_iteration": i0 + 1 + warm, "wall_s": wall,
+        "iterations_per_s": n / wall, "images_per_s": sum(s.images for s in streams.values()) / wall,
+        "data_wait_share": sum(s.wait for s in streams.values()) / wall,
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+        "flops_per_iteration": flops, "achieved_tflops": achieved,
+        "peak_bf16_tflops": peak, "peak_source": None if peak is None else
+        ("--peak-tflops" if args.peak_tflops else "vendor datasheet, dense bf16"),
+        "fraction_of_peak": achieved / peak if peak else None,
+        "graphs_compiled_in_warmup": graphs_warm - graphs_before if args.compile else None,
+        "graphs_compiled_in_timed_window": graphs["unique_graphs"] - graphs_warm if args.compile else None,
+        "sync_warnings": ({"count": len(syncs), "where": sorted({f"{os.path.basename(w.filename)}:{w.lineno}"
+                                                                  for w in syncs})} if sync_debug else None),
+    }
+    with open(os.path.join(run_dir, "benchmark.json.tmp"), "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(os.path.join(run_dir, "benchmark.json.tmp"), os.path.join(run_dir, "benchmark.json"))
+    print(f"benchmark: {n} iterations in {wall:.2f} s: {report['iterations_per_s']:.3f} it/s, "
+          f"{report['images_per_s']:.1f} img/s, data wait {100 * report['data_wait_share']:.1f}%, "
+          f"{flops / 1e9:.1f} GFLOP/iteration, {achieved:.3f} TFLOP/s"
+          + (f" ({100 * report['fraction_of_peak']:.1f}% of {peak:g})" if peak else "")
+          + (f", peak memory {report['peak_gpu_memory_gib']:.2f} GiB" if cuda else "")
+          + f" ({report['dtype']}, compile {'on' if args.compile else 'off'}; {run_dir}/benchmark.json)", flush=True)
+    return report

@@ -140,6 +140,9 @@ ABLATIONS = {
     "full": dict(d1=True, d2=True),                                 # + D1 as the dynamic threshold
 }
 SYNTHETIC_SIZE = dict(size=80, num_train=1000, num_val=200)
+# Generated data at the paper's image size and class count (common.SyntheticSceneSource), trained with the paper's
+# own preset: measures speed and memory at the paper's configuration with nothing to download (README, "Throughput").
+PRESETS.update({"synthetic-voc": PRESETS["voc"], "synthetic-cityscapes": PRESETS["cityscapes"]})
 BACKBONES = {"resnet101": [3, 4, 23, 3], "resnet50": [3, 4, 6, 3], "resnet14": [1, 1, 1, 1]}
 
 
@@ -152,7 +155,7 @@ class Parser(argparse.ArgumentParser):
 def get_parser():
     p = Parser(description="Xu & Wang 2021: semi-supervised segmentation with one generator and two discriminators")
     a = p.add_argument
-    a("--data", required=True, help="voc | cityscapes | synthetic")
+    a("--data", required=True, help="voc | cityscapes | synthetic | synthetic-voc | synthetic-cityscapes")
     a("--data-root", help="dataset folder (README, 'Datasets'); not needed for synthetic")
     a("--download", action="store_true", help="download VOC 2012 with torchvision first (SBD labels: see README)")
     a("--labeled", type=float, default=0.125, help="fraction of the train set that is labeled, in (0, 1]")
@@ -165,6 +168,8 @@ def get_parser():
                                   "process may use, less one, shared over the 2 image streams and 1 labels-only stream: "
                                   "common.default_workers); a labels-only stream gets min(N, 1)")
     a("--no-amp", action="store_true", help="float32 on CUDA instead of bf16 autocast")
+    a("--compile", action="store_true", help="torch.compile the segmenter and the discriminator(s); partial "
+      "batches are dropped (README, 'Throughput')")
     # generator G: DeepLab-v3+ (deviation 11)
     a("--backbone", choices=sorted(BACKBONES), help="paper: resnet101 (resnet14: synthetic preset only)")
     a("--width-per-group", type=int, help="torchvision's bottleneck inner width (64 in ResNet-50/101; synthetic 16)")
@@ -222,6 +227,9 @@ def get_parser():
     a("--log-every", type=int, help="print and log every N iterations (the only host-device sync in the loop)")
     a("--save-every", type=int, help="write last.pt every N iterations")
     a("--stop-at", type=int, help="stop after this many iterations with a checkpoint (continue with --resume)")
+    a("--benchmark", type=int, metavar="N", help="time N training iterations after a warm-up, write benchmark.json; "
+      "no evaluation, pictures or checkpoints (README, 'Throughput')")
+    a("--peak-tflops", type=float, help="the device's dense bf16 peak for --benchmark (default: a table of known GPUs)")
     a("--num-pictures", type=int, default=4, help="val images drawn into predictions.png")
     return p
 
@@ -255,6 +263,8 @@ def resolve_args(args):
         raise DataError("--batch-size must be at least 2: the ASPP image-pooling branch has a BatchNorm over 1x1 maps")
     if not 0 < args.t_static < 1:
         raise DataError(f"--t-static must be in (0, 1), got {args.t_static}")
+    if args.benchmark is not None and (args.benchmark < 1 or args.resume):
+        raise DataError("--benchmark N times N >= 1 iterations of a new run (not with --resume)")
     if args.workers is None:
         args.workers = common.default_workers(args.device, image_streams=2, label_streams=1)
     return args
@@ -769,9 +779,9 @@ def train(args, run_dir, model, D, opt_S, opt_D, streams, val_loader, normalize,
             sums.zero_()
             counts = [0] * len(LOG_KEYS)
             t_last, i_last, images = time.time(), it, 0
-        if it % args.save_every == 0 or it == stop:
+        if not args.benchmark and (it % args.save_every == 0 or it == stop):   # --benchmark: no checkpoint
             save_checkpoint(run_dir, it, model, D, opt_S, opt_D, streams)
-        if it == args.semi_start and len(D) and it < args.num_steps:   # card 15.8: calibration after phase A
+        if it == args.semi_start and len(D) and it < args.num_steps and not args.benchmark:   # card 15.8
             with torch.random.fork_rng(devices=[]):
                 _, calib, _ = evaluate(model, D, val_loader, C, device, amp, 0, args)
             with open(os.path.join(run_dir, "calibration_warmup.json"), "w") as f:
@@ -961,7 +971,8 @@ def run(argv=None):
             raise DataError(f"--resume {run_dir}: no last.pt and args.json there; nothing to resume")
         with open(os.path.join(run_dir, "args.json")) as f:
             saved = json.load(f)
-        keep = {k: getattr(args, k) for k in ("device", "workers", "stop_at")}   # where and how long: from now
+        keep = {k: getattr(args, k) for k in ("device", "workers", "stop_at", "compile", "benchmark",
+                                              "peak_tflops")}   # where, how long and how fast: from now
         args = argparse.Namespace(**saved)
         args.__dict__.update(keep)
         args.workers = args.workers if args.workers is not None else saved["workers"]
@@ -1032,6 +1043,12 @@ def run(argv=None):
           f"{'' if 'unlabeled' in streams else ' (unlabeled images unused)'}; {len(source.splits['val'])} val images; "
           f"discriminators: {', '.join(D.keys()) or 'none'}; starting at iteration {start}")
 
+    if args.benchmark:    # README, "Throughput": timed training iterations only
+        return common.benchmark(args, run_dir, streams, list(D.values()), args.num_steps,
+                                lambda i: train(args, run_dir, model, D, opt_S, opt_D,
+                                                streams, val_loader, normalize, i, class_names))
+    if args.compile:
+        common.compile_modules(list(D.values()), streams, args.batch_size)
     stop = train(args, run_dir, model, D, opt_S, opt_D, streams, val_loader, normalize, start, class_names)
     if stop < args.num_steps:
         print(f"stopped at iteration {stop} (--stop-at); continue with --resume {run_dir}")

@@ -107,6 +107,9 @@ PRESETS = {
 OFFICIAL_QUIRKS = dict(weight_decay=5e-4, nesterov=False, aspp_branches=2, official_optimizer=True, rgb_input=True,
                        no_amp=True)
 SYNTHETIC_SIZE = dict(size=80, num_train=1000, num_val=200)
+# Generated data at the paper's image size and class count (common.SyntheticSceneSource), trained with the paper's
+# own preset: measures speed and memory at the paper's configuration with nothing to download (README, "Throughput").
+PRESETS.update({"synthetic-voc": PRESETS["voc"], "synthetic-cityscapes": PRESETS["cityscapes"]})
 
 
 class Parser(argparse.ArgumentParser):
@@ -118,7 +121,7 @@ class Parser(argparse.ArgumentParser):
 def get_parser():
     p = Parser(description="Sawatzky et al.: discovering latent classes for semi-supervised semantic segmentation")
     a = p.add_argument
-    a("--data", required=True, help="voc | cityscapes | synthetic")
+    a("--data", required=True, help="voc | cityscapes | synthetic | synthetic-voc | synthetic-cityscapes")
     a("--data-root", help="dataset folder (README, 'Datasets'); not needed for synthetic")
     a("--download", action="store_true", help="download VOC 2012 with torchvision first (SBD labels: see README)")
     a("--labeled", type=float, default=0.125, help="fraction of the train set that is labeled, in (0, 1]")
@@ -131,6 +134,8 @@ def get_parser():
                                   "process may use, less one, shared over the 2 image streams and 1 labels-only stream: "
                                   "common.default_workers); a labels-only stream gets min(N, 1)")
     a("--no-amp", action="store_true", default=None, help="float32 on CUDA (TF32 off too) instead of bf16 autocast")
+    a("--compile", action="store_true", help="torch.compile the segmenter and the discriminator(s); partial "
+      "batches are dropped (README, 'Throughput')")
     # network and initialisation
     a("--backbone", choices=sorted(BACKBONES), help="paper: resnet101 (smaller ones for quick runs)")
     a("--width", type=int, help="channels of the stem (64 in every torchvision ResNet; synthetic preset: 32)")
@@ -180,6 +185,9 @@ def get_parser():
     a("--log-every", type=int, help="print and log every N iterations (the only host-device sync in the loop)")
     a("--save-every", type=int, help="write last.pt every N iterations")
     a("--stop-at", type=int, help="stop after this many iterations with a checkpoint (continue with --resume)")
+    a("--benchmark", type=int, metavar="N", help="time N training iterations after a warm-up, write benchmark.json; "
+      "no evaluation, pictures or checkpoints (README, 'Throughput')")
+    a("--peak-tflops", type=float, help="the device's dense bf16 peak for --benchmark (default: a table of known GPUs)")
     a("--num-pictures", type=int, default=4, help="val images drawn into predictions.png")
     return p
 
@@ -199,6 +207,8 @@ def resolve_args(args):
     for k in ("crop_size", "resize", "eval_pad", "aspp_rates"):
         if getattr(args, k) is not None:
             setattr(args, k, tuple(getattr(args, k)))
+    if args.benchmark is not None and (args.benchmark < 1 or args.resume):
+        raise DataError("--benchmark N times N >= 1 iterations of a new run (not with --resume)")
     if args.workers is None:
         args.workers = common.default_workers(args.device, image_streams=2, label_streams=1)
     return args
@@ -751,7 +761,7 @@ def train(args, run_dir, model, D, M, alpha, opt_S, opt_D, streams, val_loader, 
             sums.zero_()
             counts = [0] * len(LOG_KEYS)
             t_last, i_last, images = time.time(), it, 0
-        if it % args.save_every == 0 or it == stop:
+        if not args.benchmark and (it % args.save_every == 0 or it == stop):   # --benchmark: no checkpoint
             save_checkpoint(run_dir, it, model, D, M, opt_S, opt_D, streams)
         if args.eval_every and it % args.eval_every == 0 and it < args.num_steps:
             result, _ = evaluate(model, D, val_loader, C, device, amp, 0)
@@ -839,7 +849,8 @@ def run(argv=None):
             raise DataError(f"--resume {run_dir}: no last.pt and args.json there; nothing to resume")
         with open(os.path.join(run_dir, "args.json")) as f:
             saved = json.load(f)
-        keep = {k: getattr(args, k) for k in ("device", "workers", "stop_at")}   # where and how long: from now
+        keep = {k: getattr(args, k) for k in ("device", "workers", "stop_at", "compile", "benchmark",
+                                              "peak_tflops")}   # where, how long and how fast: from now
         args = argparse.Namespace(**saved)
         args.__dict__.update(keep)
         args.workers = args.workers if args.workers is not None else saved["workers"]
@@ -916,6 +927,12 @@ def run(argv=None):
           f"discriminator {'on' if 'gt' in streams else 'off'}; L = {args.num_latent} latent classes, alpha {alpha:.5f}; "
           f"starting at iteration {start}")
 
+    if args.benchmark:    # README, "Throughput": timed training iterations only
+        return common.benchmark(args, run_dir, streams, [model, D], args.num_steps,
+                                lambda i: train(args, run_dir, model, D, M, alpha, opt_S,
+                                                opt_D, streams, val_loader, normalize, i, class_names))
+    if args.compile:
+        common.compile_modules([model, D], streams, args.batch_size)
     stop = train(args, run_dir, model, D, M, alpha, opt_S, opt_D, streams, val_loader, normalize, start, class_names)
     if stop < args.num_steps:
         print(f"stopped at iteration {stop} (--stop-at); continue with --resume {run_dir}")

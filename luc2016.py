@@ -120,6 +120,9 @@ PRESETS = {
                       save_every=500, log_every=100),
 }
 SYNTHETIC_SIZE = dict(size=80, num_train=1000, num_val=200)
+# Generated data at the paper's image size and class count (common.SyntheticSceneSource), trained with the paper's
+# own preset: measures speed and memory at the paper's configuration with nothing to download (README, "Throughput").
+PRESETS.update({"synthetic-voc": PRESETS["voc"]})
 
 
 class Parser(argparse.ArgumentParser):
@@ -131,7 +134,7 @@ class Parser(argparse.ArgumentParser):
 def get_parser():
     p = Parser(description="Luc et al. 2016: semantic segmentation using adversarial networks")
     a = p.add_argument
-    a("--data", required=True, help="voc | stanford | synthetic")
+    a("--data", required=True, help="voc | stanford | synthetic | synthetic-voc")
     a("--data-root", help="dataset folder (README, 'Datasets'); not needed for synthetic")
     a("--download", action="store_true", help="download the dataset first (VOC: torchvision; Stanford: iccv09Data)")
     a("--labeled", type=float, default=1.0, help="fraction of the train set used (the paper: all, 1.0)")
@@ -143,6 +146,8 @@ def get_parser():
     a("--workers", type=int, help="data loader processes (default: 0 on CPU; on CUDA the CPUs this process may use, "
                                   "less one, shared over the 1 image stream: common.default_workers)")
     a("--no-amp", action="store_true", help="float32 on CUDA (TF32 off too) instead of bf16 autocast")
+    a("--compile", action="store_true", help="torch.compile the segmenter and the discriminator(s); partial "
+      "batches are dropped (README, 'Throughput')")
     # networks (Sec. 3.2, supp. Table 1)
     a("--segmenter", choices=["dilated8", "farabet"], help="dilated8 (VOC) or farabet (Stanford Background)")
     a("--init", choices=["dilated8", "vgg16", "none"],
@@ -180,6 +185,9 @@ def get_parser():
     a("--log-every", type=int, help="print and log every N iterations (the only host-device sync in the loop)")
     a("--save-every", type=int, help="write last.pt every N iterations")
     a("--stop-at", type=int, help="stop after this many iterations with a checkpoint (continue with --resume)")
+    a("--benchmark", type=int, metavar="N", help="time N training iterations after a warm-up, write benchmark.json; "
+      "no evaluation, pictures or checkpoints (README, 'Throughput')")
+    a("--peak-tflops", type=float, help="the device's dense bf16 peak for --benchmark (default: a table of known GPUs)")
     a("--num-pictures", type=int, default=4, help="val images drawn into predictions.png")
     return p
 
@@ -193,7 +201,7 @@ def resolve_args(args):
     for k, v in {**PAPER, **PRESETS[args.data]}.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    if args.data == "voc":                                   # supp. Table 2 for every value not given
+    if args.data in ("voc", "synthetic-voc"):               # supp. Table 2 for every value not given
         if args.lambda_adv == 0 and args.lr is None:
             args.lr = BASELINE_SLR
         if None in (args.lr, args.lr_d, args.lambda_adv):
@@ -217,6 +225,8 @@ def resolve_args(args):
         raise DataError(f"--eval-batch-size {args.eval_batch_size}: {args.data} images differ in size; use 1")
     if args.phase_length < 1 or args.num_steps < 1 or not (0 < args.tau < 1):
         raise DataError("--phase-length and --num-steps must be >= 1 and --tau in (0, 1)")
+    if args.benchmark is not None and (args.benchmark < 1 or args.resume):
+        raise DataError("--benchmark N times N >= 1 iterations of a new run (not with --resume)")
     if args.workers is None:
         args.workers = common.default_workers(args.device, image_streams=1, label_streams=0)
     return args
@@ -703,7 +713,7 @@ def train(args, run_dir, model, A, opt_S, opt_A, stream, select_loader, start, c
             if result[args.select] > best.get("value", -1):
                 best.update(value=result[args.select], s_updates=n_s, iteration=it)
                 save_atomic({"model": model.state_dict(), **best}, os.path.join(run_dir, "best.pt"))
-        if it % args.save_every == 0 or it == stop:
+        if not args.benchmark and (it % args.save_every == 0 or it == stop):   # --benchmark: no checkpoint
             save_atomic({"iteration": it, "model": model.state_dict(), "A": A.state_dict(),
                          "opt_S": opt_S.state_dict(), "opt_A": opt_A.state_dict(), "stream": stream.state(),
                          "best": best, "rng": torch.get_rng_state(),      # dropout masks continue exactly
@@ -808,7 +818,8 @@ def run(argv=None):
             raise DataError(f"--resume {run_dir}: no last.pt and args.json there; nothing to resume")
         with open(os.path.join(run_dir, "args.json")) as f:
             saved = json.load(f)
-        keep = {k: getattr(args, k) for k in ("device", "workers", "stop_at")}   # where and how long: from now
+        keep = {k: getattr(args, k) for k in ("device", "workers", "stop_at", "compile", "benchmark",
+                                              "peak_tflops")}   # where, how long and how fast: from now
         args = argparse.Namespace(**saved)
         args.__dict__.update(keep)
         args.workers = args.workers if args.workers is not None else saved["workers"]
@@ -880,6 +891,14 @@ def run(argv=None):
           f"{'off (baseline)' if args.lambda_adv == 0 else f'{args.adversary}, {args.encoding} encoding, {args.alternation} alternation'}; "
           f"starting at iteration {start}")
 
+    streams = {"train": stream}           # one stream, in a dict for common.benchmark / compile_modules
+    if args.benchmark:    # README, "Throughput": timed training iterations only
+        return common.benchmark(args, run_dir, streams, [model, A], total_iterations(args),
+                                lambda i: train(args, run_dir, model, A, opt_S, opt_A,
+                                                streams["train"], select_loader, i, class_names, best)[0])
+    if args.compile:
+        common.compile_modules([model, A], streams, args.batch_size)
+        stream = streams["train"]
     stop, G = train(args, run_dir, model, A, opt_S, opt_A, stream, select_loader, start, class_names, best)
     if stop < G:
         print(f"stopped at iteration {stop} (--stop-at); continue with --resume {run_dir}")

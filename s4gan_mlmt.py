@@ -137,6 +137,11 @@ OFFICIAL_QUIRKS = dict(aspp_branches=2, official_optimizer=True, official_input=
 OFFICIAL_QUIRKS_DATA = {"voc": dict(random_scale=False, random_mirror=False), "context": dict(official_context_aug=True),
                         "cityscapes": dict(batch_size=8), "synthetic": dict(num_steps=None, eval_every=None)}
 SYNTHETIC_SIZE = dict(size=80, num_train=1000, num_val=200)
+# Generated data at the paper's image size and class count (common.SyntheticSceneSource), trained with the paper's
+# own preset: measures speed and memory at the paper's configuration with nothing to download (README, "Throughput").
+PRESETS.update({"synthetic-voc": PRESETS["voc"], "synthetic-cityscapes": PRESETS["cityscapes"]})
+OFFICIAL_QUIRKS_DATA.update({"synthetic-voc": OFFICIAL_QUIRKS_DATA["voc"],
+                             "synthetic-cityscapes": OFFICIAL_QUIRKS_DATA["cityscapes"]})
 
 
 class Parser(argparse.ArgumentParser):
@@ -148,7 +153,7 @@ class Parser(argparse.ArgumentParser):
 def get_parser():
     p = Parser(description="Mittal et al. 2019: s4GAN + multi-label mean teacher for semi-supervised segmentation")
     a = p.add_argument
-    a("--data", required=True, help="voc | context | cityscapes | synthetic")
+    a("--data", required=True, help="voc | context | cityscapes | synthetic | synthetic-voc | synthetic-cityscapes")
     a("--data-root", help="dataset folder (README, 'Datasets'); not needed for synthetic")
     a("--download", action="store_true", help="download VOC 2012 with torchvision first (SBD labels: see README)")
     a("--labeled", type=float, default=0.125, help="fraction of the train set that is labeled, in (0, 1]")
@@ -160,6 +165,8 @@ def get_parser():
     a("--workers", type=int, help="data loader processes per image stream (default: 0 on CPU; on CUDA the CPUs this "
                                   "process may use, less one, shared over the 3 image streams: common.default_workers)")
     a("--no-amp", action="store_true", default=None, help="float32 on CUDA (TF32 off too) instead of bf16 autocast")
+    a("--compile", action="store_true", help="torch.compile the segmenter and the discriminator(s); partial "
+      "batches are dropped (README, 'Throughput')")
     a("--stage", choices=["both", "s4gan", "mlmt"],
       help="both: s4GAN, then MLMT, then the fused evaluation (default; Cityscapes: s4gan, as in the paper)")
     a("--mlmt-scores", help="fuse with the MLMT val scores of another run (its mlmt_val_scores.csv)")
@@ -234,6 +241,9 @@ def get_parser():
     a("--log-every", type=int, help="print and log every N iterations (the only host-device sync in the loop)")
     a("--save-every", type=int, help="write last.pt every N iterations")
     a("--stop-at", type=int, help="stop s4GAN after this many iterations with a checkpoint (continue with --resume)")
+    a("--benchmark", type=int, metavar="N", help="time N training iterations after a warm-up, write benchmark.json; "
+      "no evaluation, pictures or checkpoints (README, 'Throughput')")
+    a("--peak-tflops", type=float, help="the device's dense bf16 peak for --benchmark (default: a table of known GPUs)")
     a("--num-pictures", type=int, default=4, help="val images drawn into predictions.png")
     return p
 
@@ -252,6 +262,10 @@ def resolve_args(args):
     for k in ("crop_size", "resize", "eval_pad", "aspp_rates"):
         if getattr(args, k) is not None:
             setattr(args, k, tuple(getattr(args, k)))
+    if args.benchmark is not None and (args.benchmark < 1 or args.resume):
+        raise DataError("--benchmark N times N >= 1 iterations of a new run (not with --resume)")
+    if args.benchmark is not None and args.stage == "mlmt":
+        raise DataError("--benchmark times the s4GAN training loop; it does not run with --stage mlmt")
     if args.workers is None:
         args.workers = common.default_workers(args.device, image_streams=3, label_streams=0)
     # padded label pixels: ignored (255), except with the released Context augmentation, which labels them background
@@ -913,7 +927,7 @@ def train(args, run_dir, model, D, opt_S, opt_D, streams, val_loader, start, cla
                   f" | {rec['img_per_s']} img/s{mem} | ETA {datetime.timedelta(seconds=int(eta))}", flush=True)
             write_log(run_dir, rec)
             t_last, i_last, images = time.time(), it, 0
-        if it % args.save_every == 0 or it == stop:
+        if not args.benchmark and (it % args.save_every == 0 or it == stop):   # --benchmark: no checkpoint
             save_atomic({"iteration": it, "model": model.state_dict(), "D": D.state_dict(),
                          "opt_S": opt_S.state_dict(), "opt_D": opt_D.state_dict(),
                          "streams": {k: s.state() for k, s in streams.items()}, "rng": torch.get_rng_state(),
@@ -1143,7 +1157,8 @@ def run(argv=None):
             raise DataError(f"--resume {run_dir}: no args.json with last.pt or mlmt_last.pt there; nothing to resume")
         with open(os.path.join(run_dir, "args.json")) as f:
             saved = json.load(f)
-        keep = {k: getattr(args, k) for k in ("device", "workers", "stop_at")}   # where and how long: from now
+        keep = {k: getattr(args, k) for k in ("device", "workers", "stop_at", "compile", "benchmark",
+                                              "peak_tflops")}   # where, how long and how fast: from now
         args = argparse.Namespace(**saved)
         args.__dict__.update(keep)
         args.workers = args.workers if args.workers is not None else saved["workers"]
@@ -1221,6 +1236,12 @@ def run(argv=None):
 
     metrics = {"labeled": len(labeled), "unlabeled": len(unlabeled)}
     if do_s4gan:
+        if args.benchmark:    # README, "Throughput": timed training iterations only
+            return common.benchmark(args, run_dir, streams, [model, D], args.num_steps,
+                                    lambda i: train(args, run_dir, model, D, opt_S, opt_D,
+                                                    streams, val_loader, i, class_names, scores))
+        if args.compile:
+            common.compile_modules([model, D], streams, args.batch_size)
         stop = train(args, run_dir, model, D, opt_S, opt_D, streams, val_loader, start, class_names, scores)
         if stop < args.num_steps:
             print(f"stopped at iteration {stop} (--stop-at); continue with --resume {run_dir}")

@@ -2311,3 +2311,170 @@ def test_h4_mlmt_batches_equal_the_per_epoch_loaders():
         for (gl, gu), (el, eu) in zip(got, expected[3 * start:]):
             assert all(torch.equal(a, b) for a, b in zip(gl, el)) and all(torch.equal(a, b) for a, b in zip(gu, eu))
         assert gl[0].dtype == torch.uint8 and len(got) == 3 * (3 - start)
+
+
+# ================================================================================================================
+# Issue 14 (measurability) and 13.18: synthetic-voc / synthetic-cityscapes, --benchmark, --compile, --data-root file
+# ================================================================================================================
+SCRIPTS = {"hung2018": hung2018, "latent_classes": lc, "luc2016": luc2016, "s4gan_mlmt": s4, "dual_disc": dd}
+# the paper's VOC preset on synthetic-voc, shrunk only where CPU time demands it (network width, crop, batch)
+BENCH_SMALL = {
+    "hung2018": ["--backbone", "resnet18", "--width", "8", "--ndf", "8"],
+    "latent_classes": ["--backbone", "resnet18", "--width", "8", "--ndf", "8"],
+    "luc2016": ["--segmenter", "farabet", "--width", "4", "--adversary", "largefov-light"],
+    "s4gan_mlmt": ["--backbone", "resnet18", "--width", "8", "--ndf", "8"],
+    "dual_disc": ["--backbone", "resnet14", "--width-per-group", "4", "--aspp-channels", "16", "--ndf", "8"],
+}
+BENCH_KEYS = {"device", "dtype", "compile", "batch_size", "crop", "resize", "data", "workers", "torch", "iterations",
+              "warmup_iterations", "first_timed_iteration", "wall_s", "iterations_per_s", "images_per_s",
+              "data_wait_share", "peak_gpu_memory_gib", "flops_per_iteration", "achieved_tflops", "peak_bf16_tflops",
+              "peak_source", "fraction_of_peak", "graphs_compiled_in_warmup", "graphs_compiled_in_timed_window",
+              "sync_warnings"}
+
+
+@pytest.fixture
+def one_thread():
+    """The benchmark tests run tiny tensors: one thread avoids OpenMP barrier stalls on a loaded 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _bench(name, out, *extra):
+    argv = ["--data", "synthetic-voc", "--init", "none", "--benchmark", "2", "--batch-size", "2", "--crop-size", "65",
+            "65", "--out", str(out)] + BENCH_SMALL[name] + list(extra)
+    report = SCRIPTS[name].main(argv)
+    with open(out / "benchmark.json") as f:
+        assert json.load(f) == report
+    return report
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_benchmark_synthetic_voc_cpu(name, tmp_path, one_thread):
+    out = tmp_path / "run"
+    r = _bench(name, out, *(["--peak-tflops", "2"] if name == "hung2018" else []))
+    assert set(r) == BENCH_KEYS
+    assert r["device"] == "cpu" and r["dtype"] == "fp32" and r["compile"] is False and r["data"] == "synthetic-voc"
+    assert r["batch_size"] == 2 and tuple(r["crop"]) == (65, 65) and r["torch"] == torch.__version__
+    assert r["iterations"] == 2 and r["warmup_iterations"] == 1
+    paper = SCRIPTS[name].resolve_args(SCRIPTS[name].get_parser().parse_args(["--data", "voc", "--init", "none"]))
+    end = luc2016.total_iterations(paper) if name == "luc2016" else paper.num_steps   # the VOC preset's schedule
+    assert r["first_timed_iteration"] == end - 2                              # the schedule's last iterations
+    assert r["wall_s"] > 0 and r["iterations_per_s"] == pytest.approx(2 / r["wall_s"])
+    per_it = {"luc2016": 2, "s4gan_mlmt": 6}.get(name, 4)       # images drawn: labeled, unlabeled (s4GAN: D's real)
+    assert r["images_per_s"] == pytest.approx(per_it * 2 / r["wall_s"])
+    assert 0 < r["data_wait_share"] < 1 and r["peak_gpu_memory_gib"] is None
+    assert r["flops_per_iteration"] > 1e8
+    assert r["achieved_tflops"] == pytest.approx(r["flops_per_iteration"] * 2 / r["wall_s"] / 1e12)
+    if name == "hung2018":                                                    # --peak-tflops: no table needed
+        assert r["peak_bf16_tflops"] == 2 and r["peak_source"] == "--peak-tflops"
+        assert r["fraction_of_peak"] == pytest.approx(r["achieved_tflops"] / 2)
+    else:
+        assert r["peak_bf16_tflops"] is None and r["fraction_of_peak"] is None   # CPU: no known peak
+    assert r["graphs_compiled_in_warmup"] is None and r["sync_warnings"] is None
+    files = set(os.listdir(out))
+    assert "benchmark.json" in files and not files & {"metrics.json", "last.pt", "predictions.png", "best.pt"}, files
+
+
+def test_benchmark_compile_no_recompile_and_plain_names(tmp_path, one_thread, monkeypatch):
+    monkeypatch.setattr(common, "COMPILE_OPTIONS", {"backend": "eager"})   # dynamo's graphs without inductor's cost
+    r = _bench("hung2018", tmp_path / "bench", "--compile")
+    assert r["compile"] is True and r["warmup_iterations"] == 5
+    assert r["graphs_compiled_in_warmup"] >= 2                            # S and D at least
+    assert r["graphs_compiled_in_timed_window"] == 0                         # no recompilation per iteration
+    # compiled in place: the scripts keep (and save) the module itself, whose state dict has the plain names
+    model, streams = hung2018.DeepLabV2(6, "resnet18", (1, 2, 3, 4), width=8), {"labeled": iter([])}
+    common.compile_modules([model], streams, 4)
+    assert type(model) is hung2018.DeepLabV2 and isinstance(streams["labeled"], common.TimedStream)
+    assert model(torch.zeros(2, 3, 33, 33)).shape[:2] == (2, 6)
+    assert "conv1.weight" in model.state_dict() and not any("_orig_mod" in k for k in model.state_dict())
+
+
+def test_timed_stream_counts_waits_and_drops_short_batches():
+    class Stream:
+        def __init__(self):
+            self.sizes, self.k = [3, 3, 1, 3], 0
+
+        def __next__(self):
+            n = self.sizes[self.k % 4]
+            self.k += 1
+            return [torch.zeros(n, 3, 2, 2), torch.zeros(n, 2, 2), ["id"] * n]
+
+        def state(self):
+            return [0, self.k]
+    s = common.TimedStream(Stream(), full_batch=3)
+    assert [len(next(s)[0]) for _ in range(4)] == [3, 3, 3, 3] and s.state() == [0, 5]   # the 1 was skipped
+    assert s.images == 12 and s.wait > 0
+    plain = common.TimedStream(Stream())
+    assert [len(next(plain)[0]) for _ in range(4)] == [3, 3, 1, 3] and plain.images == 10
+    labels = common.TimedStream(iter([torch.zeros(2, 4, 4)]))
+    next(labels)
+    assert labels.images == 0                                                # labels-only streams: no images
+
+
+def test_synthetic_scene_sources():
+    import hashlib
+    import pickle
+    voc, cs = common.make_source("synthetic-voc"), common.make_source("synthetic-cityscapes")
+    assert (len(voc.splits["train"]), len(voc.splits["val"])) == (10582, 1449)
+    assert (len(cs.splits["train"]), len(cs.splits["val"])) == (2975, 500)
+    assert voc.CLASSES == common.VOCSource.CLASSES and voc.NUM_CLASSES == 21
+    assert cs.CLASSES == common.CityscapesSource.CLASSES and cs.NUM_CLASSES == 19
+    for src in (voc, cs):                                # nothing materialised: only the id lists, no arrays
+        assert not any(isinstance(v, np.ndarray) for v in vars(src).values())
+        assert len(pickle.dumps(src)) < 400_000
+    seen = set()
+    for i in voc.splits["train"][:6] + voc.splits["val"][-2:]:
+        img, lab = voc.read(i)
+        assert img.dtype == np.uint8 and lab.dtype == np.uint8 and img.shape[:2] == lab.shape
+        assert max(lab.shape) == 500 and 333 <= min(lab.shape) <= 500
+        assert ((lab < 21) | (lab == 255)).all() and (lab == 255).any() and (lab > 0).any() & (lab < 255).any()
+        assert np.array_equal(voc.read_label(i), lab)                          # labels without the pixels
+        seen |= set(np.unique(lab).tolist())
+        a2, l2 = voc.read(i)                                                    # same (seed, index), same bytes
+        assert np.array_equal(a2, img) and np.array_equal(l2, lab)
+    assert len(seen - {0, 255}) >= 4                                            # several object classes
+    assert not np.array_equal(voc.read_label(voc.splits["train"][0]), voc.read_label(voc.splits["train"][1])[:1])
+    other = common.SyntheticSceneSource("voc", seed=1)
+    assert any(other.read_label(i).shape != voc.read_label(i).shape or
+               not np.array_equal(other.read_label(i), voc.read_label(i)) for i in voc.splits["train"][:3])
+    img, lab = cs.read(cs.splits["val"][0])
+    assert img.shape == (1024, 2048, 3) and lab.shape == (1024, 2048)
+    assert ((lab < 19) | (lab == 255)).all() and (lab[-20:] == 255).all()      # void strip at the bottom
+    assert len(set(np.unique(lab).tolist()) - {0, 255}) >= 2
+    assert np.array_equal(cs.read_label(cs.splits["val"][0]), lab)
+    with pytest.raises(common.DataError):
+        voc.read("syn00001")
+    assert common.palette("synthetic-cityscapes")[0].tolist() == list(common.CITYSCAPES_COLORS[0])
+    # the 80 px synthetic dataset is unchanged (its results are published): images and labels byte for byte
+    s = common.SyntheticSource()
+    digest = hashlib.sha256(s.images.tobytes() + s.labels.tobytes()).hexdigest()
+    assert digest == "26e47dee2023889652df026c0530e849df93fa246e6ad1efbc800348eb717e41"
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_data_root_naming_a_file_is_one_line(name, tmp_path, capsys):
+    f = tmp_path / "VOC.tar"
+    f.write_bytes(b"not a folder")
+    out = tmp_path / "run"
+    for extra in ([], ["--download"]):
+        with pytest.raises(SystemExit) as e:
+            SCRIPTS[name].main(["--data", "voc", "--data-root", str(f), "--init", "none", "--out", str(out)] + extra)
+        assert e.value.code == 2
+        err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("warning:")]
+        assert len(err) == 1 and err[0].startswith("error: ") and "is a file" in err[0], err
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == ["VOC.tar"]
+
+
+def test_benchmark_bad_arguments(tmp_path, capsys):
+    expect_error(capsys, ["--data", "synthetic", "--benchmark", "0"], "--benchmark")
+    expect_error(capsys, ["--data", "synthetic", "--benchmark", "2", "--num-steps", "3"], "raise --num-steps")
+    for script in SCRIPTS.values():                     # a resumed run is not timed (its own schedule position)
+        args = script.get_parser().parse_args(["--data", "synthetic", "--benchmark", "2"])
+        args.resume = str(tmp_path)
+        with pytest.raises(common.DataError, match="--resume"):
+            script.resolve_args(args)
+    with pytest.raises(SystemExit):
+        s4.main(["--data", "synthetic", "--stage", "mlmt", "--benchmark", "2"])
+    assert "--stage mlmt" in capsys.readouterr().err
