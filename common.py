@@ -286,18 +286,30 @@ class TrainTransform:
 class LabelTransform:
     """Ground-truth maps for a discriminator's "real" input (hung2018 card 7.3, simplified as the card allows):
     random scale, enlarge with nearest-neighbour if smaller than the crop, never pad, random crop, optional mirror.
+    `resample` as TrainTransform: "cv2" resizes as cv2.INTER_NEAREST, as the released VOCGTDataSet (a scale factor f
+    gives the size round-half-even(h * f) and maps with 1/f); "pil" with PIL's NEAREST.
     Returns a uint8 (H, W) tensor (the loader widens it to int64 on the device)."""
 
-    def __init__(self, crop=None, scales=None, mirror=False, resize_to=None):
+    def __init__(self, crop=None, scales=None, mirror=False, resize_to=None, resample="cv2"):
         self.crop, self.scales, self.mirror, self.resize_to = crop, scales, mirror, resize_to
+        if resample not in RESAMPLE:
+            raise DataError(f"unknown resampling {resample!r}; choose one of: {', '.join(RESAMPLE)}")
+        self.resample = resample
 
     def __call__(self, lab, rng):
-        nearest = lambda a, h, w: np.asarray(Image.fromarray(a).resize((w, h), Image.NEAREST))
+        def nearest(a, h, w, f=None):
+            if self.resample == "cv2":
+                return resize_cv2_nearest(a, (h, w), None if f is None else (f, f))
+            return np.asarray(Image.fromarray(a).resize((w, h), Image.NEAREST))
         if self.resize_to is not None:
             lab = nearest(lab, *self.resize_to)
         if self.scales:
             f = self.scales[rng.randrange(len(self.scales))]
-            lab = nearest(lab, int(lab.shape[0] * f + 0.5), int(lab.shape[1] * f + 0.5))
+            h, w = lab.shape
+            if self.resample == "cv2":
+                lab = nearest(lab, round(h * f), round(w * f), f)
+            else:
+                lab = nearest(lab, int(h * f + 0.5), int(w * f + 0.5))
         if self.crop is not None:
             ch, cw = self.crop
             h, w = lab.shape

@@ -2478,3 +2478,18 @@ def test_benchmark_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         s4.main(["--data", "synthetic", "--stage", "mlmt", "--benchmark", "2"])
     assert "--stage mlmt" in capsys.readouterr().err
+
+
+def test_label_transform_resamples_as_cv2_inter_nearest():
+    # the discriminator's ground-truth stream scales labels as the released VOCGTDataSet: cv2.INTER_NEAREST with
+    # fx = fy = f (size rounded half to even, source index floor(d / f)); PIL's NEAREST takes pixel centres instead
+    big = np.random.default_rng(0).integers(0, 21, (25, 31), dtype=np.uint8)
+    y = common.LabelTransform(scales=[0.5])(big, random.Random(0)).numpy()
+    assert y.shape == (12, 16) and np.array_equal(y, big[::2, ::2][:12, :16])
+    y = common.LabelTransform(scales=[0.5], resample="pil")(big, random.Random(0)).numpy()
+    assert y.shape == (13, 16)
+    y = common.LabelTransform(scales=[1.6])(big, random.Random(0)).numpy()
+    assert y.shape == (40, 50) and np.array_equal(y, big[np.ix_([math.floor(d / 1.6) for d in range(40)],
+                                                                  [math.floor(d / 1.6) for d in range(50)])])
+    with pytest.raises(common.DataError):
+        common.LabelTransform(resample="bicubic")
