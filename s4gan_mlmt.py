@@ -691,7 +691,7 @@ def normalizers(args):
         return n, n
     if not args.official_input:
         return common.Normalize("imagenet"), common.Normalize("imagenet")
-    if args.data == "cityscapes":
+    if args.data in ("cityscapes", "synthetic-cityscapes"):   # the paper preset on generated data too
         n = common.Normalize("custom", bgr=True, mean=np.float32((73.158, 82.909, 72.392)) / 255, div=255)
         return n, n
     if args.data == "context":
@@ -1183,7 +1183,7 @@ def run(argv=None):
     class_names = source.CLASSES
     labeled, unlabeled = common.labeled_split(source.splits["train"], args.labeled, args.seed, args.split)
     scores = read_scores(args.mlmt_scores, source.splits["val"], class_names) if args.mlmt_scores else None
-    if do_mlmt and args.data == "cityscapes":
+    if do_mlmt and args.data in ("cityscapes", "synthetic-cityscapes"):
         warnings.warn("the paper does not use MLMT on Cityscapes (Sec. 4.2.1: ineffective there)")
     if do_s4gan:
         # stride in the 3x3 conv for torchvision's weights, as they were trained (deviation 5)
