@@ -1446,3 +1446,261 @@ def benchmark(args, run_dir, streams, modules, end, train_from):
           + (f", peak memory {report['peak_gpu_memory_gib']:.2f} GiB" if cuda else "")
           + f" ({report['dtype']}, compile {'on' if args.compile else 'off'}; {run_dir}/benchmark.json)", flush=True)
     return report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A pretrained start for the 80 px `synthetic` miniature (`--init synthetic`; README, "The synthetic miniature")
+# ----------------------------------------------------------------------------------------------------------------
+# Every paper starts from weights trained on other data (ImageNet, COCO). The miniature's stand-in is a network
+# trained, with all labels, on a *disjoint* generated dataset: eight other shapes, filled with textures the miniature
+# never shows, on another kind of background. Built on first use by the script that needs it, from a fixed seed and
+# with the caller's random state untouched (so a run gives the same numbers whether or not the file existed), and
+# cached as <torch hub dir>/checkpoints/synthetic-pretrain-<tag>-v<version>.pt (delete the file to rebuild it).
+PRETRAIN_RECIPE = dict(version=1, num_images=2000, size=80, steps=1000, batch_size=8, lr=5e-4, seed=0)
+
+
+class SyntheticPretrainSource:
+    """The pretraining data: `num_images` images of `size` px, 9 classes: background (0) and eight shapes none of which
+    is in `SyntheticSource` (ellipse, star, hexagon, crescent, L, chevron, half-disk,
+    bar). Objects are filled with stripes, checks or two-colour dots; the background is
+    a blotchy two-colour field with arcs. The boundary band is 255 as in the miniature."""
+    NUM_CLASSES = 9
+    CLASSES = ("background", "ellipse", "star", "hexagon", "crescent", "L", "chevron", "half-disk", "bar")
+
+    def __init__(self, num_images=2000, size=80, seed=0):
+        rng = np.random.default_rng(seed + 7919)         # never the same stream as SyntheticSource(seed)
+        self.images = np.empty((num_images, size, size, 3), np.uint8)
+        self.labels = np.empty((num_images, size, size), np.uint8)
+        for k in range(num_images):
+            self.images[k], self.labels[k] = self.draw(rng, size)
+
+    @staticmethod
+    def _mask(shape, dx, dy, r, a):
+        u = np.cos(a) * dx + np.sin(a) * dy
+        v = -np.sin(a) * dx + np.cos(a) * dy
+        rad, ang = np.hypot(u, v), np.arctan2(v, u)
+        if shape == 1:    # ellipse, axes r and 0.5 r
+            return (u / r) ** 2 + (v / (0.5 * r)) ** 2 <= 1
+        if shape == 2:    # five-pointed star
+            return rad <= r * (0.55 + 0.45 * np.cos(5 * ang) ** 8)
+        if shape == 3:    # hexagon
+            m = np.ones_like(u, bool)
+            for j in range(6):
+                b = np.pi * j / 3
+                m &= np.cos(b) * u + np.sin(b) * v <= 0.85 * r
+            return m
+        if shape == 4:    # crescent: a disk less a shifted disk
+            return (rad <= r) & ((u - 0.45 * r) ** 2 + v ** 2 > (0.8 * r) ** 2)
+        if shape == 5:    # L
+            return (((u >= -r) & (u <= -0.3 * r) & (np.abs(v) <= r)) |
+                    ((v >= 0.3 * r) & (v <= r) & (u >= -r) & (u <= r)))
+        if shape == 6:    # chevron
+            return (np.abs(np.abs(u) * 0.9 - (v + 0.3 * r)) <= 0.3 * r) & (np.abs(u) <= r) & (np.abs(v) <= r)
+        if shape == 7:    # half-disk
+            return (rad <= r) & (u >= -0.1 * r)
+        return (np.abs(u) <= r) & (np.abs(v) <= 0.22 * r)   # bar
+
+    @classmethod
+    def draw(cls, rng, s):
+        yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+        c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        blot = sum(np.sin(xx * rng.uniform(0.05, 0.2) + rng.uniform(0, 6)) * np.sin(yy * rng.uniform(0.05, 0.2) +
+                   rng.uniform(0, 6)) for _ in range(3))
+        img = np.where((blot > 0)[..., None], c0, c1) * 0.6 + 0.4 * rng.uniform(0, 255, 3)
+        for _ in range(rng.integers(1, 4)):             # arcs (background)
+            cy, cx, r = rng.uniform(0, s), rng.uniform(0, s), rng.uniform(5, 25)
+            m = np.abs(np.hypot(yy - cy, xx - cx) - r) < 0.8
+            img[m] = rng.uniform(0, 255, 3)
+        lab = np.zeros((s, s), np.uint8)
+        inst = np.zeros((s, s), np.int32)
+        for k in range(1, rng.integers(1, 4) + 1):
+            c = int(rng.integers(1, cls.NUM_CLASSES))
+            r = rng.uniform(0.15, 0.3) * s
+            cy, cx = rng.uniform(r * 0.5, s - r * 0.5), rng.uniform(r * 0.5, s - r * 0.5)
+            m = cls._mask(c, xx - cx, yy - cy, r, rng.uniform(0, 2 * np.pi))
+            ca, cb = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+            kind, f = rng.integers(3), rng.uniform(0.3, 0.9)
+            if kind == 0:
+                t = np.sin(f * (xx * np.cos(c) + yy * np.sin(c))) > 0       # stripes
+            elif kind == 1:
+                t = (np.sin(f * xx) > 0) ^ (np.sin(f * yy) > 0)              # checks
+            else:
+                t = (np.sin(f * xx) * np.sin(f * yy)) > 0.5                  # dots
+            img[m] = np.where(t[m][:, None], ca, cb)
+            lab[m], inst[m] = c, k
+        p = np.pad(inst, 1, mode="edge")
+        edge = ((p[1:-1, 1:-1] != p[:-2, 1:-1]) | (p[1:-1, 1:-1] != p[2:, 1:-1]) |
+                (p[1:-1, 1:-1] != p[1:-1, :-2]) | (p[1:-1, 1:-1] != p[1:-1, 2:])) & (inst > 0)
+        lab[edge] = IGNORE
+        img = img + rng.normal(0, 6, img.shape)
+        return np.clip(img, 0, 255).astype(np.uint8), lab
+
+
+def synthetic_pretrained(tag, build, normalize, device="cpu", recipe=None, log=print):
+    """Path of the cached pretrained weights for the miniature, training them first if the file does not exist.
+
+    `build(num_classes)` returns the script's own network (its forward maps (N, 3, H, W) to logits at any resolution);
+    it is trained with cross-entropy and Adam on `SyntheticPretrainSource` with all labels (random flips), then its
+    whole state dict is saved; the script loads it through its usual loading code, which drops the output layer.
+    The random state of the caller (torch, CUDA) is restored afterwards."""
+    r = dict(PRETRAIN_RECIPE, **(recipe or {}))
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    path = os.path.join(folder, f"synthetic-pretrain-{tag}-v{r['version']}.pt")
+    if os.path.isfile(path):
+        return path
+    os.makedirs(folder, exist_ok=True)
+    lock = None
+    try:                                               # two runs starting together build it once
+        import fcntl
+        lock = open(path + ".lock", "w")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.isfile(path):
+            return path
+    except ImportError:
+        pass
+    try:
+        t0 = time.time()
+        log(f"building the pretrained start {path} (once; {r['steps']} steps on {r['num_images']} generated images "
+            f"of other shapes, common.PRETRAIN_RECIPE)")
+        data = SyntheticPretrainSource(r["num_images"], r["size"], r["seed"])
+        dev = torch.device(device)
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(r["seed"])
+            model = build(SyntheticPretrainSource.NUM_CLASSES).to(dev).train()
+            opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=r["lr"])
+            rng = np.random.default_rng(r["seed"])
+            n = len(data.images)
+            order, pos, running = rng.permutation(n), 0, None
+            for step in range(r["steps"]):
+                if pos + r["batch_size"] > n:
+                    order, pos = rng.permutation(n), 0
+                idx = np.sort(order[pos:pos + r["batch_size"]])
+                pos += r["batch_size"]
+                img, lab = data.images[idx], data.labels[idx]
+                flip = rng.random(len(idx)) < 0.5
+                img = np.where(flip[:, None, None, None], img[:, :, ::-1], img)
+                lab = np.where(flip[:, None, None], lab[:, :, ::-1], lab)
+                x = normalize.batch(torch.from_numpy(np.ascontiguousarray(img)).permute(0, 3, 1, 2).to(dev))
+                y = torch.from_numpy(np.ascontiguousarray(lab)).long().to(dev)
+                out = model(x)
+                out = out if out.shape[-2:] == y.shape[-2:] else torch.nn.functional.interpolate(
+                    out, size=y.shape[-2:], mode="bilinear", align_corners=True)
+                loss = torch.nn.functional.cross_entropy(out.float(), y, ignore_index=IGNORE)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if (step + 1) % 100 == 0:
+                    running = loss.item()
+                    eta = (time.time() - t0) / (step + 1) * (r["steps"] - step - 1)
+                    log(f"  pretraining [{step + 1}/{r['steps']}] loss_ce {running:.4f} | ETA {eta:.0f} s")
+            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        tmp = path + ".tmp"
+        torch.save({"state_dict": state, "recipe": r, "final_loss_ce": running}, tmp)
+        os.replace(tmp, path)
+        log(f"pretrained start written in {time.time() - t0:.0f} s: {path}")
+        return path
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pictures with words: titled grids with a class legend, and training curves (PIL only)
+# ----------------------------------------------------------------------------------------------------------------
+def _font():
+    from PIL import ImageFont
+    return ImageFont.load_default()
+
+
+def save_labeled_grid(path, rows, titles, class_names, pal):
+    """`save_grid` with a title above each column and, below, a legend: one colour swatch per class."""
+    from PIL import ImageDraw
+    h, w = rows[0][0].shape[:2]
+    g, head, font = 2, 16, _font()
+    grid_w = max(len(r) for r in rows) * (w + g) - g
+    sw, col_w = 12, max(90, max(len(n) for n in class_names) * 6 + 22)
+    per_line = max(1, grid_w // col_w)
+    legend_h = 8 + 16 * ((len(class_names) + per_line - 1) // per_line)
+    canvas = Image.new("RGB", (grid_w, head + len(rows) * (h + g) - g + legend_h), (255, 255, 255))
+    d = ImageDraw.Draw(canvas)
+    for j, t in enumerate(titles):
+        d.text((j * (w + g) + 3, 2), t, fill=(0, 0, 0), font=font)
+    for i, row in enumerate(rows):
+        for j, im in enumerate(row):
+            canvas.paste(Image.fromarray(im), (j * (w + g), head + i * (h + g)))
+    y0 = head + len(rows) * (h + g) + 4
+    for k, name in enumerate(list(class_names) + ["void (255)"]):
+        x, y = (k % per_line) * col_w + 2, y0 + (k // per_line) * 16
+        if y + 14 > canvas.height:
+            canvas = _grow(canvas, y + 16)
+            d = ImageDraw.Draw(canvas)
+        d.rectangle([x, y, x + sw, y + sw], fill=tuple(int(c) for c in pal[IGNORE if k == len(class_names) else k]),
+                    outline=(0, 0, 0))
+        d.text((x + sw + 4, y), name, fill=(0, 0, 0), font=font)
+    canvas.save(path)
+
+
+def _grow(img, height):
+    out = Image.new("RGB", (img.width, height), (255, 255, 255))
+    out.paste(img, (0, 0))
+    return out
+
+
+CURVE_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+                (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def _panel(d, box, title, series, font, ylim=None):
+    """One line chart inside box = (x0, y0, x1, y1): series = [(name, [(x, y), ...]), ...]."""
+    x0, y0, x1, y1 = box
+    d.text((x0 + 4, y0), title, fill=(0, 0, 0), font=font)
+    px0, py0, px1, py1 = x0 + 46, y0 + 16, x1 - 8, y1 - 30
+    d.rectangle([px0, py0, px1, py1], outline=(0, 0, 0))
+    pts = [p for _, s in series for p in s]
+    if not pts:
+        d.text((px0 + 8, py0 + 8), "(not logged)", fill=(120, 120, 120), font=font)
+        return
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    xa, xb = min(xs), max(xs)
+    ya, yb = ylim or (min(ys), max(ys))
+    xb, yb = (xb if xb > xa else xa + 1), (yb if yb > ya else ya + 1e-6)
+    fx = lambda v: px0 + (v - xa) / (xb - xa) * (px1 - px0)
+    fy = lambda v: py1 - (min(max(v, ya), yb) - ya) / (yb - ya) * (py1 - py0)
+    for frac in (0, 0.5, 1):
+        v = ya + frac * (yb - ya)
+        d.line([px0 - 3, fy(v), px0, fy(v)], fill=(0, 0, 0))
+        d.text((x0 + 2, fy(v) - 5), f"{v:.3g}", fill=(0, 0, 0), font=font)
+        d.line([px0 + 1, fy(v), px1 - 1, fy(v)], fill=(225, 225, 225)) if 0 < frac < 1 else None
+    d.text((px0, py1 + 3), f"{xa:g}", fill=(0, 0, 0), font=font)
+    d.text((px1 - 30, py1 + 3), f"{xb:g}", fill=(0, 0, 0), font=font)
+    lx = px0
+    for k, (name, s) in enumerate(series):
+        c = CURVE_COLORS[k % len(CURVE_COLORS)]
+        line = [(fx(a), fy(b)) for a, b in s]
+        if len(line) > 1:
+            d.line(line, fill=c, width=2)
+        for p in line if len(line) < 3 else []:
+            d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=c)
+        d.line([lx, py1 + 20, lx + 14, py1 + 20], fill=c, width=3)
+        d.text((lx + 17, py1 + 14), name, fill=(0, 0, 0), font=font)
+        lx += 24 + 6 * len(name)
+
+
+def save_curves(run_dir, panels, path=None):
+    """curves.png of a run folder from its log.jsonl: `panels` = [(title, [log key, ...], ylim or None), ...], one
+    line chart per panel over the iterations (keys that were never logged are left out)."""
+    from PIL import ImageDraw
+    recs = []
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                recs.append(json.loads(line))
+    font, pw, ph = _font(), 520, 190
+    img = Image.new("RGB", (pw, ph * len(panels)), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    for k, (title, keys, ylim) in enumerate(panels):
+        series = [(key, [(r["iter"], r[key]) for r in recs if key in r and "iter" in r and r[key] is not None])
+                  for key in keys]
+        _panel(d, (0, k * ph, pw, (k + 1) * ph), title, [s for s in series if s[1]], font, ylim)
+    img.save(path or os.path.join(run_dir, "curves.png"))

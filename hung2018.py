@@ -79,7 +79,7 @@ PAPER = dict(
     num_steps=20000, batch_size=10, crop_size=(321, 321), resize=None,          # Sec. 5, Table 9
     random_scale=True, random_mirror=False,                                     # Table 9 (scale), card 7.2
     optimizer="sgd", lr=2.5e-4, head_lr_mult=10, lr_d=1e-4, power=0.9, momentum=0.9,   # Sec. 5, Table 9
-    weight_decay=1e-4, nesterov=True, ndf=64,                                   # Table 9; D: card 4.3
+    weight_decay=1e-4, nesterov=True, ndf=64, d_layers=5,                       # Table 9; D: card 4.3
     lambda_adv=0.01, lambda_adv_unl=0.001, lambda_semi=0.1, t_semi=0.2,         # Sec. 5
     semi_start=5000, semi_start_adv=0,                                          # Sec. 5; AdvSemiSeg #32
     aspp_branches=4, official_optimizer=False, rgb_input=False, no_amp=False,   # deviations 5-7, 17
@@ -135,14 +135,17 @@ def get_parser():
     # network and initialisation
     a("--backbone", choices=sorted(BACKBONES), help="paper: resnet101 (smaller ones for quick runs)")
     a("--width", type=int, help="channels of the stem (64 in every torchvision ResNet; synthetic preset: 32)")
-    a("--init", choices=["coco", "imagenet", "none"],
-      help="coco: COCO-pretrained DeepLab-v2 (paper); imagenet: torchvision weights; none: random")
+    a("--init", choices=["coco", "imagenet", "synthetic", "none"],
+      help="coco: COCO-pretrained DeepLab-v2 (paper); imagenet: torchvision weights; synthetic: this network "
+           "pretrained on other generated shapes, the miniature's stand-in (built once, cached); none: random")
     a("--restore-from", help=f"path or URL of the DeepLab-v2 (COCO) weights for --init coco (default: {COCO_URL})")
     a("--aspp-rates", type=int, nargs=4, help="ASPP dilation rates (paper: 6 12 18 24)")
     a("--aspp-branches", type=int, choices=[2, 4], help="4: DeepLab-v2; 2: released code's bug (quirk)")
     a("--freeze-bn-stats", action="store_true", help="BN in eval mode during training (default: batch statistics)")
     a("--ndf", type=int, help="discriminator width, channels of its first conv (card 4.3: 64)")
     a("--no-fcd", action="store_true", help="image-level discriminator instead of the fully convolutional one (Table 6)")
+    a("--d-layers", type=int, choices=range(2, 7), metavar="{2..6}",
+      help="stride-2 convs of D (card 4.3: 5; synthetic preset: 3, the paper's receptive field / crop ratio)")
     # optimisation (Sec. 5, Table 9)
     a("--num-steps", type=int, help="iterations (Table 9: VOC 20000, Cityscapes 40000)")
     a("--batch-size", type=int, help="images per batch, each of labeled/unlabeled/D's ground truth (VOC 10)")
@@ -329,24 +332,25 @@ class DeepLabV2(nn.Module):
 # Discriminator D (card 4.3): five 4x4 stride-2 convs {64, 128, 256, 512, 1}, LeakyReLU 0.2, no BN; logits ~1/32
 # ================================================================================================================
 class FCDiscriminator(nn.Module):
-    def __init__(self, num_classes, ndf=64, fcd=True):
+    """`layers` stride-2 4x4 convs in all (card 4.3: 5, a receptive field of 94 px, 29% of the 321 px crop). The
+    synthetic preset keeps that ratio on its 80 px images with 3 (22 px, 28%; deviation 16): conv1, conv2, classifier."""
+
+    def __init__(self, num_classes, ndf=64, fcd=True, layers=5):
         super().__init__()
-        self.conv1 = nn.Conv2d(num_classes, ndf, 4, stride=2, padding=1)
-        self.conv2 = nn.Conv2d(ndf, ndf * 2, 4, stride=2, padding=1)
-        self.conv3 = nn.Conv2d(ndf * 2, ndf * 4, 4, stride=2, padding=1)
-        self.conv4 = nn.Conv2d(ndf * 4, ndf * 8, 4, stride=2, padding=1)
+        chans = [num_classes] + [ndf * 2 ** k for k in range(layers - 1)]
+        for k in range(layers - 1):               # conv1 ... conv4 for the paper's D (checkpoint names kept)
+            setattr(self, f"conv{k + 1}", nn.Conv2d(chans[k], chans[k + 1], 4, stride=2, padding=1))
+        self.layers = layers
         self.fcd = fcd
         if fcd:
-            self.classifier = nn.Conv2d(ndf * 8, 1, 4, stride=2, padding=1)
+            self.classifier = nn.Conv2d(chans[-1], 1, 4, stride=2, padding=1)
         else:   # Table 6 "without FCD": one logit per image (deviation 13)
-            self.classifier = nn.Linear(ndf * 8, 1)
+            self.classifier = nn.Linear(chans[-1], 1)
         self.leaky_relu = nn.LeakyReLU(0.2, inplace=True)
 
     def forward(self, x):                          # (N, C, H, W) probabilities or one-hot maps
-        x = self.leaky_relu(self.conv1(x))         # (N, 64, H/2, W/2)
-        x = self.leaky_relu(self.conv2(x))         # (N, 128, H/4, W/4)
-        x = self.leaky_relu(self.conv3(x))         # (N, 256, H/8, W/8)
-        x = self.leaky_relu(self.conv4(x))         # (N, 512, H/16, W/16)
+        for k in range(self.layers - 1):           # paper: (N, 64, H/2, W/2) ... (N, 512, H/16, W/16)
+            x = self.leaky_relu(getattr(self, f"conv{k + 1}")(x))
         if self.fcd:
             return self.classifier(x)              # (N, 1, H/32, W/32) raw logits: the sigmoid lives in the loss
         return self.classifier(x.mean((2, 3)))[:, :, None, None]   # (N, 1, 1, 1)
@@ -526,6 +530,11 @@ def initialise(model, args):
                    "resnet50": torchvision.models.ResNet50_Weights,
                    "resnet101": torchvision.models.ResNet101_Weights}[args.backbone].IMAGENET1K_V1
         src = weights.url
+    elif args.init == "synthetic":    # the miniature's pretrained start (common.synthetic_pretrained)
+        src = common.synthetic_pretrained(
+            f"hung2018-{args.backbone}-w{args.width}-aspp{'.'.join(map(str, args.aspp_rates))}x{args.aspp_branches}",
+            lambda c: DeepLabV2(c, args.backbone, args.aspp_rates, args.aspp_branches, width=args.width),
+            common.Normalize("imagenet"), args.device)
     else:
         src = args.restore_from or COCO_URL
     try:
@@ -735,7 +744,7 @@ def evaluate(model, D, loader, num_classes, device, amp, num_pictures):
     return cm.compute(), pictures
 
 
-def save_pictures(path, pictures, normalize, pal):
+def save_pictures(path, pictures, normalize, pal, class_names):
     """One row per val image: image, ground truth, prediction, D's confidence (dark: fake, bright: real)."""
     rows = []
     for x, y, p, conf in pictures:
@@ -746,7 +755,16 @@ def save_pictures(path, pictures, normalize, pal):
                      common.heatmap(conf.numpy())])
     scale = max(1, 256 // rows[0][0].shape[0])               # small synthetic images: enlarge for the eye
     rows = [[np.kron(im, np.ones((scale, scale, 1), np.uint8)) for im in r] for r in rows]
-    common.save_grid(path, rows)
+    common.save_labeled_grid(path, rows, ["image", "ground truth", "prediction", "sigmoid(D): 0 dark, 1 bright"],
+                             class_names, pal)
+
+
+# curves.png (as s4GAN's Fig. 11): the losses, and D's mean outputs with L_semi's kept-pixel share
+CURVES = [("segmentation losses (mean per logged interval)", ["loss_ce", "loss_adv", "loss_adv_u", "loss_semi"], None),
+          ("discriminator loss", ["loss_D"], None),
+          ("mean sigmoid(D) on ground truth / predictions; share of unlabeled pixels kept by T_semi",
+           ["D_real", "D_fake", "semi_kept"], (0, 1)),
+          ("val mIoU", ["val_miou"], None)]
 
 
 # ================================================================================================================
@@ -788,7 +806,7 @@ def run(argv=None):
     # network: stride in the 3x3 conv only for torchvision's weights (deviation 15)
     model = DeepLabV2(len(class_names), args.backbone, args.aspp_rates, args.aspp_branches,
                       stride_in_3x3=args.init == "imagenet", width=args.width)
-    D = FCDiscriminator(len(class_names), args.ndf, fcd=not args.no_fcd)
+    D = FCDiscriminator(len(class_names), args.ndf, fcd=not args.no_fcd, layers=args.d_layers)
     if resume_state is None:
         initialise(model, args)
     else:
@@ -834,6 +852,7 @@ def run(argv=None):
     if args.compile:
         common.compile_modules([model, D], streams, args.batch_size)
     stop = train(args, run_dir, model, D, opt_S, opt_D, streams, val_loader, normalize, start, class_names)
+    common.save_curves(run_dir, CURVES)
     if stop < args.num_steps:
         print(f"stopped at iteration {stop} (--stop-at); continue with --resume {run_dir}")
         return None
@@ -841,8 +860,12 @@ def run(argv=None):
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and not args.no_amp)
     result, pictures = evaluate(model, D, val_loader, len(class_names), device, amp, args.num_pictures)
     if pictures:
-        save_pictures(os.path.join(run_dir, "predictions.png"), pictures, normalize, common.palette(args.data))
+        save_pictures(os.path.join(run_dir, "predictions.png"), pictures, normalize, common.palette(args.data),
+                      class_names)
     print(common.format_iou_table(result, class_names))
+    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps({"iter": stop, "val_miou": result["miou"]}) + "\n")
+    common.save_curves(run_dir, CURVES)
     metrics = {"miou": result["miou"], "pixel_acc": result["pixel_acc"], "mean_acc": result["mean_acc"],
                "iou": dict(zip(class_names, result["iou"])), "iteration": stop,
                "labeled": len(labeled), "unlabeled": len(unlabeled)}
