@@ -1539,7 +1539,8 @@ class SyntheticPretrainSource:
 def synthetic_pretrained(tag, build, normalize, device="cpu", recipe=None, log=print):
     """Path of the cached pretrained weights for the miniature, training them first if the file does not exist.
 
-    `build(num_classes)` returns the script's own network (its forward maps (N, 3, H, W) to logits at any resolution);
+    `build(num_classes)` returns the script's own network (its forward maps (N, 3, H, W) to logits at any resolution,
+    or to (N, C) image logits for a classifier, trained on which classes are present with binary cross-entropy);
     it is trained with cross-entropy and Adam on `SyntheticPretrainSource` with all labels (random flips), then its
     whole state dict is saved; the script loads it through its usual loading code, which drops the output layer.
     The random state of the caller (torch, CUDA) is restored afterwards."""
@@ -1583,9 +1584,13 @@ def synthetic_pretrained(tag, build, normalize, device="cpu", recipe=None, log=p
                 x = normalize.batch(torch.from_numpy(np.ascontiguousarray(img)).permute(0, 3, 1, 2).to(dev))
                 y = torch.from_numpy(np.ascontiguousarray(lab)).long().to(dev)
                 out = model(x)
-                out = out if out.shape[-2:] == y.shape[-2:] else torch.nn.functional.interpolate(
-                    out, size=y.shape[-2:], mode="bilinear", align_corners=True)
-                loss = torch.nn.functional.cross_entropy(out.float(), y, ignore_index=IGNORE)
+                if out.dim() == 2:      # an image classifier (s4gan_mlmt's MLMT branch): multi-label presence
+                    present = torch.stack([(y == c).flatten(1).any(1) for c in range(out.shape[1])], 1)
+                    loss = torch.nn.functional.binary_cross_entropy_with_logits(out.float(), present.float())
+                else:
+                    out = out if out.shape[-2:] == y.shape[-2:] else torch.nn.functional.interpolate(
+                        out, size=y.shape[-2:], mode="bilinear", align_corners=True)
+                    loss = torch.nn.functional.cross_entropy(out.float(), y, ignore_index=IGNORE)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -19,6 +19,19 @@ TINY = ["--num-steps", "4", "--semi-start", "2", "--batch-size", "4", "--log-eve
         "--num-pictures", "2"]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _tiny_pretraining(tmp_path_factory):
+    """`--init synthetic` (the synthetic presets' default) builds its weights on first use: in the tests a tiny recipe
+    into a private torch hub folder, so that the tests neither wait minutes nor touch the user's cache."""
+    old_dir, old_recipe = torch.hub.get_dir(), dict(common.PRETRAIN_RECIPE)
+    torch.hub.set_dir(str(tmp_path_factory.mktemp("hub")))
+    common.PRETRAIN_RECIPE.update(num_images=16, steps=3, batch_size=4)
+    yield
+    torch.hub.set_dir(old_dir)
+    common.PRETRAIN_RECIPE.clear()
+    common.PRETRAIN_RECIPE.update(old_recipe)
+
+
 def run_main(argv):
     """Run hung2018.main in-process; returns its metrics (None when stopped early)."""
     return hung2018.main(argv)
