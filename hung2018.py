@@ -94,9 +94,9 @@ PRESETS = {
     # scaled down from 6-24 to 1-4. Trained from scratch, where Adam learns far faster than SGD (0.64 vs 0.39 mIoU
     # after 2000 supervised steps in our measurement), so Adam without the 10x head factor, at lr 5e-4 (all labels,
     # 1500 steps: 76.3 mIoU; 1e-3: 63.5; 3e-3: 47.7); D at 1/4 width.
-    "synthetic": dict(backbone="resnet18", width=32, init="none", aspp_rates=(1, 2, 3, 4), num_steps=1500,
+    "synthetic": dict(backbone="resnet18", width=32, init="synthetic", aspp_rates=(1, 2, 3, 4), num_steps=1500,
                       batch_size=8, crop_size=None, random_scale=False, random_mirror=True, optimizer="adam",
-                      lr=5e-4, head_lr_mult=1, ndf=16, semi_start=375, eval_pad=None, eval_batch_size=50,
+                      lr=5e-4, head_lr_mult=1, ndf=16, d_layers=3, semi_start=375, eval_pad=None, eval_batch_size=50,
                       save_every=400, log_every=100),
 }
 # Behaviour of the released code that differs from the defaults (methods/README rule 2); see the docstring.

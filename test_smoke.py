@@ -2508,3 +2508,65 @@ def test_label_transform_resamples_as_cv2_inter_nearest():
                                                                   [math.floor(d / 1.6) for d in range(50)])])
     with pytest.raises(common.DataError):
         common.LabelTransform(resample="bicubic")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue 15: the miniature's pretrained start, D's depth, pictures (hung2018 and common)
+# ---------------------------------------------------------------------------------------------------------------
+def test_i15_pretrain_source_is_disjoint_and_deterministic():
+    a, b = common.SyntheticPretrainSource(8, 80, 0), common.SyntheticPretrainSource(8, 80, 0)
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
+    assert set(np.unique(a.labels)) <= set(range(common.SyntheticPretrainSource.NUM_CLASSES)) | {255}
+    assert not set(common.SyntheticPretrainSource.CLASSES[1:]) & set(common.SyntheticSource.CLASSES[1:])
+    c = common.SyntheticSource(size=80, num_train=8, num_val=0, seed=0)
+    assert not np.array_equal(a.images[0], c.images[0])
+
+
+def test_i15_hung_init_synthetic_loads_the_cached_backbone_and_keeps_the_head_fresh(tmp_path):
+    out = str(tmp_path / "run")
+    run_main(["--data", "synthetic", "--out", out, "--stop-at", "1"] + TINY)
+    with open(os.path.join(out, "args.json")) as f:
+        args = json.load(f)
+    assert args["init"] == "synthetic" and args["d_layers"] == 3
+    path = common.synthetic_pretrained("hung2018-resnet18-w32-aspp1.2.3.4x4", None, None)   # exists: no build
+    assert path.startswith(torch.hub.get_dir())
+    cached = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    torch.manual_seed(0)
+    model = DeepLabV2(6, "resnet18", (1, 2, 3, 4), 4, width=32)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    ns = hung2018.resolve_args(hung2018.get_parser().parse_args(["--data", "synthetic"]))
+    hung2018.initialise(model, ns)
+    own = model.state_dict()
+    assert torch.equal(own["layer1.0.conv1.weight"], cached["layer1.0.conv1.weight"])
+    assert not torch.equal(own["layer1.0.conv1.weight"], fresh["layer1.0.conv1.weight"])
+    assert cached["layer5.conv2d_list.0.weight"].shape[0] == common.SyntheticPretrainSource.NUM_CLASSES
+    assert torch.equal(own["layer5.conv2d_list.0.weight"], fresh["layer5.conv2d_list.0.weight"])   # head: fresh
+
+
+def test_i15_pretraining_leaves_the_callers_random_state_alone(tmp_path):
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    common.synthetic_pretrained("test-tiny-net", lambda c: torch.nn.Conv2d(3, c, 3, padding=1),
+                                common.Normalize("imagenet"))
+    assert torch.equal(torch.rand(3), expected)
+    assert os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", "synthetic-pretrain-test-tiny-net-v1.pt"))
+
+
+def test_i15_hung_d_layers_sets_the_receptive_field():
+    x = torch.zeros(1, 6, 80, 80)
+    assert FCDiscriminator(6, 16, layers=3)(x).shape[-1] == 10          # 3 stride-2 convs: 1/8, 22 px
+    assert FCDiscriminator(6, 16)(x).shape[-1] == 2                     # card 4.3: 5, 1/32, 94 px
+    assert set(k.split(".")[0] for k in FCDiscriminator(6, 16).state_dict()) == {
+        "conv1", "conv2", "conv3", "conv4", "classifier"}                 # the paper's checkpoint names
+
+
+def test_i15_curves_and_labeled_pictures(tmp_path):
+    out = str(tmp_path / "run")
+    run_main(["--data", "synthetic", "--out", out] + TINY)
+    curves = Image.open(os.path.join(out, "curves.png"))
+    assert curves.size[1] >= 4 * 150                                     # four panels
+    pic = np.asarray(Image.open(os.path.join(out, "predictions.png")))
+    # title strip above the images and a legend strip below them: more rows than 2 images of 240 px
+    assert pic.shape[0] > 2 * 240 + 30
+    assert json.loads(open(os.path.join(out, "log.jsonl")).read().splitlines()[-1])["val_miou"] >= 0
