@@ -479,8 +479,9 @@ def test_lc_end_to_end_synthetic(tmp_path, capsys):
     for name in ("args.json", "labeled.txt", "log.jsonl", "last.pt", "metrics.json", "predictions.png",
                  "p_l_given_c.png"):
         assert os.path.isfile(os.path.join(out, name)), name
-    log = read_log(out)
+    log, final = read_log(out)[:-1], read_log(out)[-1]
     assert [r["iter"] for r in log] == [1, 2, 3, 4]
+    assert final == {"iter": 4, "val_miou": metrics["miou"]}                        # the final evaluation, appended
     for r in log:                                     # card 11.7: everything but L_cons from iteration 0
         for k in ("loss_ce", "loss_latent", "loss_adv", "loss_adv_u", "loss_D"):
             assert math.isfinite(r[k]), (k, r)
@@ -499,7 +500,7 @@ def test_lc_resume_gives_the_same_losses_and_M(tmp_path):
     assert lc.main(["--data", "synthetic", "--out", parted, "--stop-at", "2"] + LC_TINY) is None
     lc.main(["--data", "synthetic", "--resume", parted])
     a, b = read_log(straight), read_log(parted)
-    assert [r["iter"] for r in b] == [1, 2, 3, 4]
+    assert [r["iter"] for r in b] == [1, 2, 3, 4, 4] and set(b[-1]) == {"iter", "val_miou"}   # + the final val mIoU
     for ra, rb in zip(a, b):
         for k in ("loss_ce", "loss_latent", "loss_adv", "loss_adv_u", "loss_cons", "loss_D"):
             if k in ra:
@@ -515,12 +516,14 @@ def test_lc_baseline_mode_and_shared_substrate(tmp_path):
              "--lambda-adv-unl", "0"] + LC_TINY)
     assert set(read_log(base)[0]) == {"iter", "loss_ce", "img_per_s", "lr"}           # Table 3 baseline: L_ce only
     assert not os.path.exists(os.path.join(base, "p_l_given_c.png"))               # latent head never run
-    # card 11.10: with the latent terms off, the first iteration's L_ce is hung2018's (same backbone, layer5, data)
+    # card 11.10: with the latent terms off, the first iteration's L_ce is hung2018's (same backbone, layer5, data):
+    # their synthetic pretrained starts, built separately under two tags, are the same weights
     hung = str(tmp_path / "hung")
-    run_main(["--data", "synthetic", "--out", hung, "--lambda-semi", "0", "--stop-at", "1"] + TINY)
+    run_main(["--data", "synthetic", "--out", hung, "--init", "synthetic", "--lambda-semi", "0", "--stop-at", "1"]
+             + TINY)
     lat = str(tmp_path / "lat")
-    lc.main(["--data", "synthetic", "--out", lat, "--lambda-latent", "0", "--lambda-cons", "0", "--stop-at", "1"]
-            + LC_TINY)
+    lc.main(["--data", "synthetic", "--out", lat, "--init", "synthetic", "--lambda-latent", "0", "--lambda-cons", "0",
+             "--stop-at", "1"] + LC_TINY)
     assert read_log(hung)[0]["loss_ce"] == pytest.approx(read_log(lat)[0]["loss_ce"], rel=1e-6)
 
 
@@ -671,7 +674,7 @@ def test_lc_unlabeled_labels_never_read_and_full_labels(tmp_path, monkeypatch):
     full = str(tmp_path / "full")                              # card 10.21: no unlabeled stream, D on labeled fakes
     lc.main(["--data", "synthetic", "--labeled", "1.0", "--out", full] + LC_TINY)
     assert all("loss_latent" in r and "loss_D" in r and "loss_adv_u" not in r and "loss_cons" not in r
-               for r in read_log(full))
+               for r in read_log(full)[:-1])                   # the last record: the final val mIoU
 
 
 # ===============================================================================================================
