@@ -2511,3 +2511,56 @@ def test_label_transform_resamples_as_cv2_inter_nearest():
                                                                   [math.floor(d / 1.6) for d in range(50)])])
     with pytest.raises(common.DataError):
         common.LabelTransform(resample="bicubic")
+
+
+# ================================================================================================================
+# issue 15: latent_classes: --init synthetic (the miniature's pretrained start), --d-layers, titled pictures, curves
+# ================================================================================================================
+def test_i15_latent_classes_synthetic_preset_pretrained_start_and_pictures(tmp_path, capsys):
+    out = tmp_path / "run"
+    metrics = lc.main(["--data", "synthetic", "--out", str(out)] + LC_TINY)       # the preset: --init synthetic
+    for name in ("curves.png", "predictions.png"):
+        assert Image.open(out / name).size[0] > 0, name
+    assert read_log(out)[-1] == {"iter": 4, "val_miou": metrics["miou"]}
+    assert "loaded" in capsys.readouterr().out                                    # load_pretrained's match report
+    D = torch.load(out / "last.pt", weights_only=True)["D"]
+    assert sorted(k for k in D if k.endswith(".weight")) == ["classifier.weight", "conv1.weight", "conv2.weight"]
+    # initialise() loads the cached file's backbone tensors (the tag names the network's shape) and no head
+    args = lc.resolve_args(lc.get_parser().parse_args(["--data", "synthetic", "--num-latent", "5"]))
+    assert args.init == "synthetic" and args.d_layers == 3
+    torch.manual_seed(0)
+    model = lc.DeepLabV2(6, 5, args.backbone, args.aspp_rates, args.aspp_branches,
+                         stride_in_3x3=args.init == "imagenet", width=args.width)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    lc.initialise(model, args)
+    path = common.synthetic_pretrained("latent_classes-resnet18-w32-aspp1.2.3.4x4", None, None)   # cached: no build
+    assert os.path.isfile(path) and f"from {path}" in capsys.readouterr().out
+    cached = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    own = model.state_dict()
+    backbone = [k for k in own if not k.startswith(lc.HEADS)]
+    assert backbone and all(torch.equal(own[k], cached[k]) for k in backbone)
+    assert not torch.equal(fresh["conv1.weight"], cached["conv1.weight"])          # it did load something
+    for k in own:
+        if k.startswith(lc.HEADS):                                                # both heads: fresh, as built
+            assert torch.equal(own[k], fresh[k]), k
+    assert cached["layer5.conv2d_list.0.weight"].shape[0] == common.SyntheticPretrainSource.NUM_CLASSES != 6
+    assert not torch.equal(own["layer5.conv2d_list.0.bias"], cached["layer5.conv2d_list.0.bias"][:6])
+
+
+def test_i15_latent_classes_d_layers():
+    parse = lambda *a: lc.resolve_args(lc.get_parser().parse_args(list(a)))
+    assert parse("--data", "voc", "--init", "none").d_layers == 5                  # the paper's D (card 5.4)
+    assert parse("--data", "synthetic").d_layers == 3
+    assert parse("--data", "synthetic", "--d-layers", "4").d_layers == 4
+    x = torch.rand(2, 6, 64, 64)
+    for layers, side in ((3, 8), (5, 2)):                                          # 1/8 and 1/32 of the input
+        D = lc.FCDiscriminator(6, 8, layers=layers)
+        convs = [m for m in D.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert len(convs) == layers and all(m.stride == (2, 2) and m.kernel_size == (4, 4) for m in convs)
+        with torch.no_grad():
+            assert D(x).shape == (2, 1, side, side)
+    assert lc.FCDiscriminator(6, 8)(x).shape == (2, 1, 2, 2)                       # the default is the paper's 5
+    paper = lc.FCDiscriminator(21)                                                 # checkpoint names as before
+    assert [k for k in paper.state_dict() if k.endswith("weight")] == \
+        ["conv1.weight", "conv2.weight", "conv3.weight", "conv4.weight", "classifier.weight"]
+    assert paper.conv4.out_channels == 512 and paper.classifier.in_channels == 512
