@@ -842,7 +842,7 @@ def save_pictures(path, pictures, normalize, pal, class_names):
                              class_names, pal)
 
 
-# curves.png: the losses of Eqs. (6) and (11), D's mean outputs (the paper's T_semi is not used: no kept share)
+# curves.png: the losses of Eqs. (6), (11) and (12), D's mean outputs (no T_semi here, so no kept-pixel share)
 CURVES = [("segmentation losses, Eqs. (4)-(5) (mean per logged interval)", ["loss_ce", "loss_adv", "loss_adv_u"],
            None),
           ("latent-class losses: L_latent = H(C | L), Eq. (3); L_cons, Eq. (10)", ["loss_latent", "loss_cons"], None),
