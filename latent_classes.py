@@ -52,8 +52,12 @@ Deviations and choices (paper / Hung's released code, which this paper kept / th
     `--official-quirks` also drops scaling, which Hung's released command did; this paper states it, so not here).
 12. Cityscapes: images and labels resized to 512x1024, then random scale, 505x505 crops and mirroring; evaluation at
     512x1024 against nearest-resized labels (`--eval-full-res` for 1024x2048). The paper does not give the base size.
-13. The `synthetic` preset is not the paper's setting: ResNet-18 at width 32 from scratch, ASPP rates 1-4, Adam
-    (lr 5e-4, no 10x heads), D at width 16, 1,500 steps, L_cons from step 375 (the paper's 1/4), L = 20 (see PRESETS).
+13. The `synthetic` preset is not the paper's setting: ResNet-18 at width 32, ASPP rates 1-4, Adam (lr 5e-4, no 10x
+    heads), D at width 16 with 3 stride-2 convs, 1,500 steps, L_cons from step 375 (the paper's 1/4), L = 20 (see
+    PRESETS). Its pretrained start (`--init synthetic`) stands in for COCO: this network with a semantic head only,
+    trained once on other generated shapes (common.synthetic_pretrained; README, 'The synthetic miniature'), loaded
+    like any checkpoint, both heads fresh. D's depth keeps the paper's receptive field / crop ratio: 5 convs see
+    94 px of a 321 px crop (29%); on 80 px images 3 convs see 22 px (28%), `--d-layers`.
 14. As in hung2018.py: upsampling to (H, W) (Hung's code: (W, H), which only matters for non-square crops), and
     `--init imagenet` puts the stride in the 3x3 conv as torchvision trained it, with ImageNet normalisation.
 """
@@ -85,7 +89,7 @@ PAPER = dict(
     num_steps=20000, batch_size=10, crop_size=(321, 321), resize=None,          # Sec. 4.1 (Hung's schedule)
     random_scale=True, random_mirror=True,                                      # Sec. 4.1
     optimizer="sgd", lr=2.5e-4, head_lr_mult=10, lr_d=1e-4, power=0.9, momentum=0.9,   # Sec. 4.1, card 6.1
-    weight_decay=1e-4, nesterov=True, ndf=64,                                   # deviation 10; D: card 5.4
+    weight_decay=1e-4, nesterov=True, ndf=64, d_layers=5,                       # deviation 10; D: card 5.4
     num_latent=20, lambda_latent=1.0, lambda_cons=0.1,                          # Sec. 4.1
     lambda_adv=0.01, lambda_adv_unl=0.001, cons_start=5000, semi_start_adv=0,   # Sec. 4.1; deviation 8
     latent_norm="all", alpha_denominator="labeled", cons_grad="semantic",       # Eq. (2); deviations 2, 4
@@ -96,11 +100,13 @@ PRESETS = {
     # Sec. 4.1: 505x505 crops, batch 2, 40k iterations, scaling and mirroring; base size 512x1024 (deviation 12)
     "cityscapes": dict(num_steps=40000, batch_size=2, crop_size=(505, 505), resize=(512, 1024), eval_pad=None,
                        eval_batch_size=2),
-    # Not the paper's (deviation 13): the same small network and schedule as hung2018.py's synthetic preset, so the
-    # two scripts' numbers compare on the same split (README, "The synthetic dataset").
-    "synthetic": dict(backbone="resnet18", width=32, init="none", aspp_rates=(1, 2, 3, 4), num_steps=1500,
+    # Not the paper's (deviation 13): the same small network, pretrained start and schedule as hung2018.py's synthetic
+    # preset, so the two scripts' numbers compare on the same split (README, "The synthetic miniature"): the start is
+    # this network pretrained on other generated shapes (the paper's COCO start scaled down), D 3 convs deep (the
+    # paper's receptive field / crop ratio).
+    "synthetic": dict(backbone="resnet18", width=32, init="synthetic", aspp_rates=(1, 2, 3, 4), num_steps=1500,
                       batch_size=8, crop_size=None, random_scale=False, random_mirror=True, optimizer="adam",
-                      lr=5e-4, head_lr_mult=1, ndf=16, cons_start=375, eval_pad=None, eval_batch_size=50,
+                      lr=5e-4, head_lr_mult=1, ndf=16, d_layers=3, cons_start=375, eval_pad=None, eval_batch_size=50,
                       save_every=400, log_every=100),
 }
 # Behaviour of Hung's released code that differs from the defaults (methods/README rule 2); see deviation 10.
@@ -139,13 +145,16 @@ def get_parser():
     # network and initialisation
     a("--backbone", choices=sorted(BACKBONES), help="paper: resnet101 (smaller ones for quick runs)")
     a("--width", type=int, help="channels of the stem (64 in every torchvision ResNet; synthetic preset: 32)")
-    a("--init", choices=["coco", "imagenet", "none"],
-      help="coco: COCO-pretrained DeepLab-v2 (paper); imagenet: torchvision weights; none: random")
+    a("--init", choices=["coco", "imagenet", "synthetic", "none"],
+      help="coco: COCO-pretrained DeepLab-v2 (paper); imagenet: torchvision weights; synthetic: this network "
+           "pretrained on other generated shapes, the miniature's stand-in (built once, cached); none: random")
     a("--restore-from", help=f"path or URL of the DeepLab-v2 (COCO) weights for --init coco (default: {COCO_URL})")
     a("--aspp-rates", type=int, nargs=4, help="ASPP dilation rates of both heads (paper: 6 12 18 24)")
     a("--aspp-branches", type=int, choices=[2, 4], help="4: DeepLab-v2; 2: Hung's released code's bug (quirk)")
     a("--freeze-bn-stats", action="store_true", help="BN in eval mode during training (default: batch statistics)")
     a("--ndf", type=int, help="discriminator width, channels of its first conv (card 5.4: 64)")
+    a("--d-layers", type=int, choices=range(2, 7), metavar="{2..6}",
+      help="stride-2 convs of D (card 5.4: 5; synthetic preset: 3, the paper's receptive field / crop ratio)")
     # optimisation (Sec. 4.1, Hung et al. Sec. 5)
     a("--num-steps", type=int, help="iterations (VOC 20000, Cityscapes 40000)")
     a("--batch-size", type=int, help="images per batch, each of labeled/unlabeled/D's ground truth (VOC 10)")
@@ -340,20 +349,21 @@ class DeepLabV2(nn.Module):
 # Discriminator D (card 5.4): five 4x4 stride-2 convs {64, 128, 256, 512, 1}, LeakyReLU 0.2, no BN; logits ~1/32
 # ================================================================================================================
 class FCDiscriminator(nn.Module):
-    def __init__(self, num_classes, ndf=64):
+    """`layers` stride-2 4x4 convs in all (card 5.4: 5, a receptive field of 94 px, 29% of the 321 px crop). The
+    synthetic preset keeps that ratio on its 80 px images with 3 (22 px, 28%; deviation 13): conv1, conv2, classifier."""
+
+    def __init__(self, num_classes, ndf=64, layers=5):
         super().__init__()
-        self.conv1 = nn.Conv2d(num_classes, ndf, 4, stride=2, padding=1)
-        self.conv2 = nn.Conv2d(ndf, ndf * 2, 4, stride=2, padding=1)
-        self.conv3 = nn.Conv2d(ndf * 2, ndf * 4, 4, stride=2, padding=1)
-        self.conv4 = nn.Conv2d(ndf * 4, ndf * 8, 4, stride=2, padding=1)
-        self.classifier = nn.Conv2d(ndf * 8, 1, 4, stride=2, padding=1)
+        chans = [num_classes] + [ndf * 2 ** k for k in range(layers - 1)]
+        for k in range(layers - 1):               # conv1 ... conv4 for the paper's D (checkpoint names kept)
+            setattr(self, f"conv{k + 1}", nn.Conv2d(chans[k], chans[k + 1], 4, stride=2, padding=1))
+        self.layers = layers
+        self.classifier = nn.Conv2d(chans[-1], 1, 4, stride=2, padding=1)
         self.leaky_relu = nn.LeakyReLU(0.2, inplace=True)
 
     def forward(self, x):                          # (N, C, H, W) semantic probabilities or one-hot maps, never S_l
-        x = self.leaky_relu(self.conv1(x))         # (N, 64, H/2, W/2)
-        x = self.leaky_relu(self.conv2(x))         # (N, 128, H/4, W/4)
-        x = self.leaky_relu(self.conv3(x))         # (N, 256, H/8, W/8)
-        x = self.leaky_relu(self.conv4(x))         # (N, 512, H/16, W/16)
+        for k in range(self.layers - 1):           # paper: (N, 64, H/2, W/2) ... (N, 512, H/16, W/16)
+            x = self.leaky_relu(getattr(self, f"conv{k + 1}")(x))
         return self.classifier(x)                  # (N, 1, H/32, W/32) raw logits: the sigmoid lives in the loss
 
 
@@ -572,6 +582,14 @@ def load_pretrained(model, state, source):
     return matched, missing, unused
 
 
+class SemanticOnly(DeepLabV2):
+    """S returning the semantic logits (N, C, H/8, W/8) only: what `--init synthetic` pretrains with cross-entropy
+    (common.synthetic_pretrained). Its layer6 is built but never trained, and neither head is loaded (deviation 7)."""
+
+    def forward(self, x):
+        return super().forward(x, latent=False)[0]
+
+
 def initialise(model, args):
     if args.init == "none":
         return
@@ -581,6 +599,13 @@ def initialise(model, args):
                    "resnet50": torchvision.models.ResNet50_Weights,
                    "resnet101": torchvision.models.ResNet101_Weights}[args.backbone].IMAGENET1K_V1
         src = weights.url
+    elif args.init == "synthetic":    # the miniature's pretrained start (common.synthetic_pretrained, deviation 13)
+        rates = ".".join(map(str, args.aspp_rates))      # L is not in the tag: layer6 is never trained nor loaded
+        src = common.synthetic_pretrained(
+            f"latent_classes-{args.backbone}-w{args.width}-aspp{rates}x{args.aspp_branches}",
+            lambda c: SemanticOnly(c, args.num_latent, args.backbone, args.aspp_rates, args.aspp_branches,
+                                   width=args.width),
+            common.Normalize("imagenet"), args.device)
     else:
         src = args.restore_from or COCO_URL
     try:
@@ -802,7 +827,7 @@ def evaluate(model, D, loader, num_classes, device, amp, num_pictures):
     return cm.compute(), pictures
 
 
-def save_pictures(path, pictures, normalize, pal):
+def save_pictures(path, pictures, normalize, pal, class_names):
     """One row per val image: image, ground truth, prediction, D's confidence (dark: fake, bright: real)."""
     rows = []
     for x, y, p, conf in pictures:
@@ -813,7 +838,17 @@ def save_pictures(path, pictures, normalize, pal):
                      common.heatmap(conf.numpy())])
     scale = max(1, 256 // rows[0][0].shape[0])               # small synthetic images: enlarge for the eye
     rows = [[np.kron(im, np.ones((scale, scale, 1), np.uint8)) for im in r] for r in rows]
-    common.save_grid(path, rows)
+    common.save_labeled_grid(path, rows, ["image", "ground truth", "prediction", "sigmoid(D): 0 dark, 1 bright"],
+                             class_names, pal)
+
+
+# curves.png: the losses of Eqs. (6), (11) and (12), D's mean outputs (no T_semi here, so no kept-pixel share)
+CURVES = [("segmentation losses, Eqs. (4)-(5) (mean per logged interval)", ["loss_ce", "loss_adv", "loss_adv_u"],
+           None),
+          ("latent-class losses: L_latent = H(C | L), Eq. (3); L_cons, Eq. (10)", ["loss_latent", "loss_cons"], None),
+          ("discriminator loss, Eq. (12)", ["loss_D"], None),
+          ("mean sigmoid(D) on ground truth / semantic predictions", ["D_real", "D_fake"], (0, 1)),
+          ("val mIoU", ["val_miou"], None)]
 
 
 def save_p_l_given_c(path, P, class_names, cell=24):
@@ -876,7 +911,7 @@ def run(argv=None):
     C = len(class_names)
     model = DeepLabV2(C, args.num_latent, args.backbone, args.aspp_rates, args.aspp_branches,
                       stride_in_3x3=args.init == "imagenet", width=args.width)
-    D = FCDiscriminator(C, args.ndf)
+    D = FCDiscriminator(C, args.ndf, layers=args.d_layers)
     M = torch.zeros(C, args.num_latent, dtype=torch.float64)         # Eq. (8): M^(0) = 0
     # Eq. (8): alpha = batch size / number of images M averages over (deviation 4)
     alpha = args.batch_size / (len(labeled) if args.alpha_denominator == "labeled" else len(source.splits["train"]))
@@ -934,6 +969,7 @@ def run(argv=None):
     if args.compile:
         common.compile_modules([model, D], streams, args.batch_size)
     stop = train(args, run_dir, model, D, M, alpha, opt_S, opt_D, streams, val_loader, normalize, start, class_names)
+    common.save_curves(run_dir, CURVES)
     if stop < args.num_steps:
         print(f"stopped at iteration {stop} (--stop-at); continue with --resume {run_dir}")
         return None
@@ -941,8 +977,12 @@ def run(argv=None):
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and not args.no_amp)
     result, pictures = evaluate(model, D, val_loader, len(class_names), device, amp, args.num_pictures)
     if pictures:
-        save_pictures(os.path.join(run_dir, "predictions.png"), pictures, normalize, common.palette(args.data))
+        save_pictures(os.path.join(run_dir, "predictions.png"), pictures, normalize, common.palette(args.data),
+                      class_names)
     print(common.format_iou_table(result, class_names))
+    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps({"iter": stop, "val_miou": result["miou"]}) + "\n")
+    common.save_curves(run_dir, CURVES)
     # Table 4 and Figs. 6-7: P(l | c) from the final M (card 10.20); all zeros if the latent head was never run
     P = p_l_given_c(M).cpu()
     effective = {str(t): effective_latent(M, t) for t in (0.1, 0.9)}

@@ -479,8 +479,9 @@ def test_lc_end_to_end_synthetic(tmp_path, capsys):
     for name in ("args.json", "labeled.txt", "log.jsonl", "last.pt", "metrics.json", "predictions.png",
                  "p_l_given_c.png"):
         assert os.path.isfile(os.path.join(out, name)), name
-    log = read_log(out)
+    log, final = read_log(out)[:-1], read_log(out)[-1]
     assert [r["iter"] for r in log] == [1, 2, 3, 4]
+    assert final == {"iter": 4, "val_miou": metrics["miou"]}                        # the final evaluation, appended
     for r in log:                                     # card 11.7: everything but L_cons from iteration 0
         for k in ("loss_ce", "loss_latent", "loss_adv", "loss_adv_u", "loss_D"):
             assert math.isfinite(r[k]), (k, r)
@@ -499,7 +500,7 @@ def test_lc_resume_gives_the_same_losses_and_M(tmp_path):
     assert lc.main(["--data", "synthetic", "--out", parted, "--stop-at", "2"] + LC_TINY) is None
     lc.main(["--data", "synthetic", "--resume", parted])
     a, b = read_log(straight), read_log(parted)
-    assert [r["iter"] for r in b] == [1, 2, 3, 4]
+    assert [r["iter"] for r in b] == [1, 2, 3, 4, 4] and set(b[-1]) == {"iter", "val_miou"}   # + the final val mIoU
     for ra, rb in zip(a, b):
         for k in ("loss_ce", "loss_latent", "loss_adv", "loss_adv_u", "loss_cons", "loss_D"):
             if k in ra:
@@ -515,12 +516,14 @@ def test_lc_baseline_mode_and_shared_substrate(tmp_path):
              "--lambda-adv-unl", "0"] + LC_TINY)
     assert set(read_log(base)[0]) == {"iter", "loss_ce", "img_per_s", "lr"}           # Table 3 baseline: L_ce only
     assert not os.path.exists(os.path.join(base, "p_l_given_c.png"))               # latent head never run
-    # card 11.10: with the latent terms off, the first iteration's L_ce is hung2018's (same backbone, layer5, data)
+    # card 11.10: with the latent terms off, the first iteration's L_ce is hung2018's (same backbone, layer5, data):
+    # their synthetic pretrained starts, built separately under two tags, are the same weights
     hung = str(tmp_path / "hung")
-    run_main(["--data", "synthetic", "--out", hung, "--lambda-semi", "0", "--stop-at", "1"] + TINY)
+    run_main(["--data", "synthetic", "--out", hung, "--init", "synthetic", "--lambda-semi", "0", "--stop-at", "1"]
+             + TINY)
     lat = str(tmp_path / "lat")
-    lc.main(["--data", "synthetic", "--out", lat, "--lambda-latent", "0", "--lambda-cons", "0", "--stop-at", "1"]
-            + LC_TINY)
+    lc.main(["--data", "synthetic", "--out", lat, "--init", "synthetic", "--lambda-latent", "0", "--lambda-cons", "0",
+             "--stop-at", "1"] + LC_TINY)
     assert read_log(hung)[0]["loss_ce"] == pytest.approx(read_log(lat)[0]["loss_ce"], rel=1e-6)
 
 
@@ -671,7 +674,7 @@ def test_lc_unlabeled_labels_never_read_and_full_labels(tmp_path, monkeypatch):
     full = str(tmp_path / "full")                              # card 10.21: no unlabeled stream, D on labeled fakes
     lc.main(["--data", "synthetic", "--labeled", "1.0", "--out", full] + LC_TINY)
     assert all("loss_latent" in r and "loss_D" in r and "loss_adv_u" not in r and "loss_cons" not in r
-               for r in read_log(full))
+               for r in read_log(full)[:-1])                   # the last record: the final val mIoU
 
 
 # ===============================================================================================================
@@ -2570,3 +2573,55 @@ def test_i15_curves_and_labeled_pictures(tmp_path):
     # title strip above the images and a legend strip below them: more rows than 2 images of 240 px
     assert pic.shape[0] > 2 * 240 + 30
     assert json.loads(open(os.path.join(out, "log.jsonl")).read().splitlines()[-1])["val_miou"] >= 0
+
+# ================================================================================================================
+# issue 15: latent_classes: --init synthetic (the miniature's pretrained start), --d-layers, titled pictures, curves
+# ================================================================================================================
+def test_i15_latent_classes_synthetic_preset_pretrained_start_and_pictures(tmp_path, capsys):
+    out = tmp_path / "run"
+    metrics = lc.main(["--data", "synthetic", "--out", str(out)] + LC_TINY)       # the preset: --init synthetic
+    for name in ("curves.png", "predictions.png"):
+        assert Image.open(out / name).size[0] > 0, name
+    assert read_log(out)[-1] == {"iter": 4, "val_miou": metrics["miou"]}
+    assert "loaded" in capsys.readouterr().out                                    # load_pretrained's match report
+    D = torch.load(out / "last.pt", weights_only=True)["D"]
+    assert sorted(k for k in D if k.endswith(".weight")) == ["classifier.weight", "conv1.weight", "conv2.weight"]
+    # initialise() loads the cached file's backbone tensors (the tag names the network's shape) and no head
+    args = lc.resolve_args(lc.get_parser().parse_args(["--data", "synthetic", "--num-latent", "5"]))
+    assert args.init == "synthetic" and args.d_layers == 3
+    torch.manual_seed(0)
+    model = lc.DeepLabV2(6, 5, args.backbone, args.aspp_rates, args.aspp_branches,
+                         stride_in_3x3=args.init == "imagenet", width=args.width)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    lc.initialise(model, args)
+    path = common.synthetic_pretrained("latent_classes-resnet18-w32-aspp1.2.3.4x4", None, None)   # cached: no build
+    assert os.path.isfile(path) and f"from {path}" in capsys.readouterr().out
+    cached = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    own = model.state_dict()
+    backbone = [k for k in own if not k.startswith(lc.HEADS)]
+    assert backbone and all(torch.equal(own[k], cached[k]) for k in backbone)
+    assert not torch.equal(fresh["conv1.weight"], cached["conv1.weight"])          # it did load something
+    for k in own:
+        if k.startswith(lc.HEADS):                                                # both heads: fresh, as built
+            assert torch.equal(own[k], fresh[k]), k
+    assert cached["layer5.conv2d_list.0.weight"].shape[0] == common.SyntheticPretrainSource.NUM_CLASSES != 6
+    assert not torch.equal(own["layer5.conv2d_list.0.bias"], cached["layer5.conv2d_list.0.bias"][:6])
+
+
+def test_i15_latent_classes_d_layers():
+    parse = lambda *a: lc.resolve_args(lc.get_parser().parse_args(list(a)))
+    assert parse("--data", "voc", "--init", "none").d_layers == 5                  # the paper's D (card 5.4)
+    assert parse("--data", "synthetic").d_layers == 3
+    assert parse("--data", "synthetic", "--d-layers", "4").d_layers == 4
+    x = torch.rand(2, 6, 64, 64)
+    for layers, side in ((3, 8), (5, 2)):                                          # 1/8 and 1/32 of the input
+        D = lc.FCDiscriminator(6, 8, layers=layers)
+        convs = [m for m in D.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert len(convs) == layers and all(m.stride == (2, 2) and m.kernel_size == (4, 4) for m in convs)
+        with torch.no_grad():
+            assert D(x).shape == (2, 1, side, side)
+    assert lc.FCDiscriminator(6, 8)(x).shape == (2, 1, 2, 2)                       # the default is the paper's 5
+    paper = lc.FCDiscriminator(21)                                                 # checkpoint names as before
+    assert [k for k in paper.state_dict() if k.endswith("weight")] == \
+        ["conv1.weight", "conv2.weight", "conv3.weight", "conv4.weight", "classifier.weight"]
+    assert paper.conv4.out_channels == 512 and paper.classifier.in_channels == 512
