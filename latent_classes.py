@@ -53,7 +53,7 @@ Deviations and choices (paper / Hung's released code, which this paper kept / th
 12. Cityscapes: images and labels resized to 512x1024, then random scale, 505x505 crops and mirroring; evaluation at
     512x1024 against nearest-resized labels (`--eval-full-res` for 1024x2048). The paper does not give the base size.
 13. The `synthetic` preset is not the paper's setting: ResNet-18 at width 32, ASPP rates 1-4, Adam (lr 5e-4, no 10x
-    heads), D at width 16 with 3 stride-2 convs, 1,500 steps, L_cons from step 375 (the paper's 1/4), L = 20 (see
+    heads), D at width 16 with 3 stride-2 convs, 1,000 steps, L_cons from step 250 (the paper's 1/4), L = 20 (see
     PRESETS). Its pretrained start (`--init synthetic`) stands in for COCO: this network with a semantic head only,
     trained once on other generated shapes (common.synthetic_pretrained; README, 'The synthetic miniature'), loaded
     like any checkpoint, both heads fresh. D's depth keeps the paper's receptive field / crop ratio: 5 convs see
@@ -104,9 +104,9 @@ PRESETS = {
     # preset, so the two scripts' numbers compare on the same split (README, "The synthetic miniature"): the start is
     # this network pretrained on other generated shapes (the paper's COCO start scaled down), D 3 convs deep (the
     # paper's receptive field / crop ratio).
-    "synthetic": dict(backbone="resnet18", width=32, init="synthetic", aspp_rates=(1, 2, 3, 4), num_steps=1500,
+    "synthetic": dict(backbone="resnet18", width=32, init="synthetic", aspp_rates=(1, 2, 3, 4), num_steps=1000,
                       batch_size=8, crop_size=None, random_scale=False, random_mirror=True, optimizer="adam",
-                      lr=5e-4, head_lr_mult=1, ndf=16, d_layers=3, cons_start=375, eval_pad=None, eval_batch_size=50,
+                      lr=5e-4, head_lr_mult=1, ndf=16, d_layers=3, cons_start=250, eval_pad=None, eval_batch_size=50,
                       save_every=400, log_every=100),
 }
 # Behaviour of Hung's released code that differs from the defaults (methods/README rule 2); see deviation 10.
@@ -886,6 +886,7 @@ def run(argv=None):
             saved = json.load(f)
         keep = {k: getattr(args, k) for k in ("device", "workers", "stop_at", "compile", "benchmark",
                                               "peak_tflops")}   # where, how long and how fast: from now
+        saved.setdefault("d_layers", 5)    # run folders from before --d-layers had the paper's D
         args = argparse.Namespace(**saved)
         args.__dict__.update(keep)
         args.workers = args.workers if args.workers is not None else saved["workers"]

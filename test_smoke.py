@@ -51,8 +51,9 @@ def test_end_to_end_synthetic(tmp_path):
     assert 0.0 <= metrics["miou"] <= 1.0
     for name in ("args.json", "labeled.txt", "log.jsonl", "last.pt", "metrics.json", "predictions.png"):
         assert os.path.isfile(os.path.join(out, name)), name
-    log = read_log(out)
+    log, final = read_log(out)[:-1], read_log(out)[-1]
     assert [r["iter"] for r in log] == [1, 2, 3, 4]
+    assert final == {"iter": 4, "val_miou": metrics["miou"]}            # the final val mIoU, for curves.png
     for r in log:
         for k in ("loss_ce", "loss_adv", "loss_adv_u", "loss_D"):
             assert math.isfinite(r[k]), (k, r)
@@ -97,7 +98,7 @@ def test_resume_gives_the_same_losses(tmp_path, workers):
     assert not os.path.exists(os.path.join(parted, "metrics.json"))
     run_main(["--data", "synthetic", "--resume", parted, "--workers", workers])
     a, b = read_log(straight), read_log(parted)
-    assert [r["iter"] for r in b] == [1, 2, 3, 4]
+    assert [r["iter"] for r in b] == [1, 2, 3, 4, 4]                   # + the final val mIoU
     for ra, rb in zip(a, b):
         for k in ("loss_ce", "loss_adv", "loss_adv_u", "loss_D", "loss_semi"):
             if k in ra:
