@@ -33,6 +33,7 @@ Deviations and choices (card section 13 is the source of every [I] choice):
     eight parameter counts reproduced exactly; the other four are copy errors in the supplement).
  5. Supp. Fig. 1 (Stanford adversarial) is lost: the card's reconstruction (label branch 5x5 -> 64, image branch
     5x5 -> 16 -> 64, trunk 128-pool-256-pool-512-1). `--encoding` applies to its label branch as well.
+    `--adv-pools` (default 2, Sec. 3.2's two max-pools) shortens its trunk for the synthetic preset (deviation 14).
  6. Schedule: `--alternation slow` phases of `--phase-length` 500 iterations, adversarial first (card 13.6);
     `--alternation fast` (Stanford, synthetic): one a-step then one s-step on the same batch every iteration.
     --num-steps counts s-updates in both schemes, so a baseline with the same --num-steps gets as many.
@@ -60,7 +61,11 @@ Deviations and choices (card section 13 is the source of every [I] choice):
 13. BF (card 10; common.boundary_f1) on all evaluated images with the evaluation labels (void pixels belong to no
     class) unless `--bf-ids` / `--bf-label-dir` give the paper's 1,103 fully annotated SBD images. Per-class
     accuracy averages over the classes present in the evaluated ground truth (common.ConfusionMatrix).
-14. The `synthetic` preset is not the paper's setting (see PRESETS): Farabet's net at half width, Adam, lambda 0.1.
+14. The `synthetic` preset is not the paper's setting (see PRESETS): Farabet's net at half width, pretrained on other
+    generated shapes (`--init synthetic`, common.synthetic_pretrained: the miniature's stand-in for the pretrained
+    start that ImageNet / the converged Dilated-8 gives on VOC; the paper trains Farabet's net from scratch on
+    Stanford); the Stanford adversarial without max-pools (`--adv-pools 0`: it sees 36 px of the 80 px image, as the
+    paper's sees 120 px of 320x240, StanfordAdversary); Adam; lambda 0.1.
 """
 import argparse
 import datetime
@@ -94,7 +99,7 @@ TABLE2 = {("largefov", "basic"): (1e-4, 0.5, 1.0), ("largefov", "product"): (1e-
 BASELINE_SLR = 1e-6
 PAPER = dict(
     segmenter="dilated8", init="dilated8", width=16,                        # Sec. 3.2: fine-tune Dilated-8
-    adversary="largefov", encoding="product", tau=0.9,                      # Table 2, supp. Table 3; Sec. 3.2
+    adversary="largefov", encoding="product", tau=0.9, adv_pools=2,         # Table 2, supp. Table 3; Sec. 3.2
     alternation="slow", phase_length=500, num_steps=10000,                  # Sec. 4: slow scheme; card 13.6: 20 cycles
     batch_size=10, crop_size=(504, 504), scales=None, max_rotation=0.0, random_mirror=True,   # card 7.1 [I]
     optimizer="sgd", momentum=0.9, momentum_d=0.0, weight_decay=5e-4, weight_decay_d=0.0,   # deviation 7
@@ -109,15 +114,17 @@ PRESETS = {
                      scales=(0.9, 0.95, 1.0, 1.05, 1.1), max_rotation=8.0, momentum_d=0.9, weight_decay=1e-5,
                      weight_decay_d=1e-5, val_folds=8, select="mean_acc", eval_every=315, save_every=630),
     # Not the paper's (deviation 14): the Stanford setting made small enough for a 2-core CPU in about 3 minutes:
-    # Farabet's net at half width, Adam for both networks (from scratch, as hung2018's preset), all 1,000 images,
-    # no held-out fold. lambda was chosen on the synthetic val set (seed 0, 1,500 steps, mIoU; measured with an
-    # earlier version that read each cell's label at its corner, not its centre): 0 -> 38.9, 0.1 -> 34.0,
-    # 0.3 -> 30.9, 2 (the paper's Stanford value) -> 20.5, the mIoU falling steadily with lambda: the
-    # adversarial term does not help with all labels here (README, "luc2016"); 0.1 is the value that hurts least.
-    "synthetic": dict(segmenter="farabet", init="none", width=8, adversary="stanford", encoding="basic",
-                      lambda_adv=0.1, lr=1e-3, lr_d=1e-4, alternation="fast", num_steps=1500, batch_size=8,
-                      crop_size=None, optimizer="adam", weight_decay=0.0, eval_every=0, eval_batch_size=50,
-                      save_every=500, log_every=100),
+    # Farabet's net at half width, pretrained on other generated shapes (the miniature's one protocol for all five
+    # scripts: the pretrained start plays the part of ImageNet / the converged Dilated-8), the adversarial with the
+    # paper's receptive field / image ratio (adv_pools 0, see StanfordAdversary), Adam for both networks, all 1,000
+    # images, no held-out fold. lambda was chosen on the synthetic val set (seed 0, 1,500 steps, mIoU; measured from
+    # scratch with the two-pool adversarial, in an earlier version that read each cell's label at its corner, not its
+    # centre): 0 -> 38.9, 0.1 -> 34.0, 0.3 -> 30.9, 2 (the paper's Stanford value) -> 20.5, the mIoU falling steadily
+    # with lambda: the adversarial term did not help with all labels there (README, "luc2016"); 0.1 hurt least.
+    "synthetic": dict(segmenter="farabet", init="synthetic", width=8, adversary="stanford", adv_pools=0,
+                      encoding="basic", lambda_adv=0.1, lr=1e-3, lr_d=1e-4, alternation="fast", num_steps=1500,
+                      batch_size=8, crop_size=None, optimizer="adam", weight_decay=0.0, eval_every=0,
+                      eval_batch_size=50, save_every=500, log_every=100),
 }
 SYNTHETIC_SIZE = dict(size=80, num_train=1000, num_val=200)
 # Generated data at the paper's image size and class count (common.SyntheticSceneSource), trained with the paper's
@@ -150,15 +157,19 @@ def get_parser():
       "batches are dropped (README, 'Throughput')")
     # networks (Sec. 3.2, supp. Table 1)
     a("--segmenter", choices=["dilated8", "farabet"], help="dilated8 (VOC) or farabet (Stanford Background)")
-    a("--init", choices=["dilated8", "vgg16", "none"],
+    a("--init", choices=["dilated8", "vgg16", "synthetic", "none"],
       help="dilated8: a converged Dilated-8 from --restore-from (VOC); vgg16: torchvision ImageNet VGG-16 front end "
-           "(to pre-train one); none: from scratch (Stanford)")
+           "(to pre-train one); synthetic: this segmenter pretrained on other generated shapes, the miniature's "
+           "stand-in (built once, cached); none: from scratch (Stanford)")
     a("--restore-from", help="Dilated-8 weights for --init dilated8: a run's last.pt / best.pt or a state dict")
     a("--width", type=int, help="farabet: channels of the first stage, then 4x and 16x (Farabet: 16)")
     a("--adversary", choices=["largefov", "smallfov", "largefov-light", "smallfov-light", "stanford"],
       help="adversarial network (supp. Table 1; stanford: supp. Fig. 1)")
     a("--encoding", choices=["basic", "product", "scaling"], help="adversarial input encoding (Sec. 3.2)")
     a("--tau", type=float, help="Scaling: least mass on the true class (Sec. 3.2: 0.9)")
+    a("--adv-pools", type=int, choices=range(3), metavar="{0,1,2}",
+      help="max-pools of the stanford adversarial's trunk (Sec. 3.2: 2; synthetic preset: 0, the paper's receptive "
+           "field / image ratio)")
     a("--adv-average", action="store_true", help="one decision per image: average a's logits over space (dev. 2)")
     # optimisation
     a("--alternation", choices=["slow", "fast"], help="slow: phases of --phase-length (VOC); fast: every iteration")
@@ -198,9 +209,12 @@ def resolve_args(args):
         raise DataError(f"unknown --data {args.data!r}; choose one of: {', '.join(PRESETS)}")
     if not args.split and not (0 < args.labeled <= 1):
         raise DataError(f"--labeled must be a fraction in (0, 1], got {args.labeled}")
+    adv_pools_given = getattr(args, "adv_pools", None) is not None
     for k, v in {**PAPER, **PRESETS[args.data]}.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    if adv_pools_given and args.adversary != "stanford" and not args.resume:
+        raise DataError(f"--adv-pools shapes the stanford adversarial only, not {args.adversary} (supp. Table 1)")
     if args.data in ("voc", "synthetic-voc"):               # supp. Table 2 for every value not given
         if args.lambda_adv == 0 and args.lr is None:
             args.lr = BASELINE_SLR
@@ -215,8 +229,9 @@ def resolve_args(args):
     for k in ("crop_size", "scales", "eval_pad"):
         if getattr(args, k) is not None:
             setattr(args, k, tuple(getattr(args, k)))
-    if args.segmenter == "farabet" and args.init != "none":
-        raise DataError("--segmenter farabet is trained from scratch (Sec. 4): use --init none")
+    if args.segmenter == "farabet" and args.init not in ("none", "synthetic"):
+        raise DataError("--segmenter farabet is trained from scratch (Sec. 4): use --init none (or --init synthetic, "
+                        "the miniature's pretrained start)")
     if args.segmenter == "dilated8" and args.init == "dilated8" and not args.restore_from and not args.resume:
         raise DataError("--init dilated8 fine-tunes a converged Dilated-8: pass --restore-from PATH (README, "
                         "'luc2016': pre-train one with --init vgg16 --lambda-adv 0 --lr 1e-3 --batch-size 14 "
@@ -271,6 +286,7 @@ class ContextModule(nn.Module):
 class Dilated8(nn.Module):
     """VGG-16 without pool4 and pool5, conv5 dilated by 2, fc6 as a 7x7 conv dilated by 4, fc7 as 1x1 (dropout 0.5
     after both), a new C-way 1x1 classifier and the context module (card 6.1). Output stride 8: (N, C, H/8, W/8)."""
+    HEAD = ("final.", "context.")                  # class-specific: their shapes follow C
 
     def __init__(self, num_classes):
         super().__init__()
@@ -330,6 +346,33 @@ def load_dilated8(model, path):
     print(f"loaded the Dilated-8 weights of {path}")
 
 
+def load_synthetic(model, path):
+    """The miniature's pretrained start (--init synthetic): every tensor by name and shape except the class-specific
+    output layer (`model.HEAD`; the pretraining had 9 classes), which stays fresh. Anything else missing or of
+    another shape is an error: the file belongs to another network."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    except Exception as e:
+        raise DataError(f"could not read {path} ({e.__class__.__name__}); delete it to rebuild it") from None
+    own = model.state_dict()
+    head = [k for k in own if k.startswith(model.HEAD)]
+    body = [k for k in own if k not in head]
+    bad = [k for k in body if k not in state or state[k].shape != own[k].shape]
+    if bad:
+        k = bad[0]
+        raise DataError(f"{path} does not fit this segmenter: {len(bad)} tensors missing or of another shape (first: "
+                        f"{k} {tuple(state[k].shape) if k in state else 'missing'} vs {tuple(own[k].shape)}); "
+                        f"delete it to rebuild it")
+    with torch.no_grad():
+        for k in body:
+            own[k].copy_(state[k])
+    shapes = lambda keys, d: ", ".join([f"{k} {tuple(d[k].shape)}" for k in keys[:8]] + ["..."] * (len(keys) > 8))
+    print(f"loaded {len(body)}/{len(own)} tensors by name and shape from {path}: {shapes(body, own)}; left fresh "
+          f"(class-specific output layer): {shapes(head, own)}; in the file but not loaded: "
+          f"{shapes(sorted(set(state) - set(body)), state) or 'none'}")
+    return body, head
+
+
 # ================================================================================================================
 # Segmentation network s, Stanford Background: Farabet et al.'s multi-scale convnet (card 6.2), from scratch
 # ================================================================================================================
@@ -352,6 +395,7 @@ class MultiScaleNet(nn.Module):
     """Farabet et al. 2013 (card 6.2): the image at scales 1, 1/2, 1/4, each contrast-normalised, goes through one
     shared trunk (7x7 conv -> tanh -> 2x2 max-pool, twice, then a 7x7 filter bank); the coarse scales' features are
     upsampled to the finest grid, concatenated (3 x 16w channels) and classified by a 1x1 conv. Output stride 4."""
+    HEAD = ("classifier.",)                        # the class-specific output layer
 
     def __init__(self, num_classes, width=16):
         super().__init__()
@@ -415,30 +459,42 @@ class Adversary(nn.Module):
         return z[:, 1:2] - z[:, 0:1]                         # (N, 1, h/4, w/4)
 
 
+# Receptive field, in label-map cells, x4 for input pixels (Farabet's output stride 4). Paper's trunk (pools=2):
+# label branch 5x5 -> 5, 3x3 -> 7, pool -> 8, 3x3 -> 12, pool -> 14, 3x3 -> 22, 3x3 -> 30 cells = 120 px; the image
+# branch (two 5x5, 9 cells) reaches 34 cells = 136 px. Stanford Background trains on whole images of about 320x240:
+# 120 px is 38% of the width and 50% of the height (43% of 277 px, the side of a square of the same area); 136 px
+# is 42-57%. The synthetic 80x80 images give a 20x20 label map: the paper's trunk would see 120 px = 150% (136 px =
+# 170%) of the image from every decision and make only 5x5 of them. The project keeps the paper's ratio of the
+# adversarial's receptive field to the training image (as hung2018's D: 22 of 80 px for Hung's 94 of 321), so the
+# synthetic preset drops both pools with the conv after each (pools=0: 3x3 128 -> 128, 3x3 -> 1): label branch
+# 5 -> 7 -> 9 cells = 36 px = 45% of 80, image branch 13 cells = 52 px = 65%, and 20x20 = 400 decisions per image
+# (the paper: 15x20 = 300). pools=1 would see 64 px = 80% (image branch 80 px = 100%) with 10x10 decisions.
 class StanfordAdversary(nn.Module):
     """Two-branch adversarial of supp. Fig. 1 as the card reconstructs it (card 5.2): the label map and the image
     (contrast-normalised, at the label map's resolution) get separate branches of 64 channels each, then a trunk
-    of 3x3 convs with two max-pools (16x fewer decisions than label pixels) ending in one sigmoid logit."""
+    of 3x3 convs with two max-pools (16x fewer decisions than label pixels) ending in one sigmoid logit. `pools`
+    < 2 keeps only the first `pools` (max-pool, 3x3 conv) stages of the trunk (synthetic preset: 0, see above)."""
 
-    def __init__(self, in_channels):
+    def __init__(self, in_channels, pools=2):
         super().__init__()
         self.label_branch = nn.Sequential(nn.Conv2d(in_channels, 64, 5, padding=2), nn.ReLU(inplace=True))
         self.image_branch = nn.Sequential(nn.Conv2d(3, 16, 5, padding=2), nn.ReLU(inplace=True),
                                           nn.Conv2d(16, 64, 5, padding=2), nn.ReLU(inplace=True))
-        self.trunk = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2, 2),
-                                   nn.Conv2d(128, 256, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2, 2),
-                                   nn.Conv2d(256, 512, 3, padding=1), nn.ReLU(inplace=True),
-                                   nn.Conv2d(512, 1, 3, padding=1))
+        trunk, c = [nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(inplace=True)], 128
+        for _ in range(pools):                            # paper: pool, 128 -> 256; pool, 256 -> 512
+            trunk += [nn.MaxPool2d(2, 2), nn.Conv2d(c, 2 * c, 3, padding=1), nn.ReLU(inplace=True)]
+            c *= 2
+        self.trunk = nn.Sequential(*trunk, nn.Conv2d(c, 1, 3, padding=1))   # paper's names: trunk.0, .3, .6, .8
 
     def forward(self, p, image):                                        # (N, C', h, w), (N, 3, h, w)
         z = torch.cat([self.label_branch(p), self.image_branch(image)], 1)   # (N, 128, h, w)
-        return self.trunk(z)                                            # (N, 1, h/4, w/4)
+        return self.trunk(z)                                            # (N, 1, h/4, w/4) (pools=0: h, w)
 
 
 def make_adversary(args, num_classes):
     c_in = 3 * num_classes if args.encoding == "product" else num_classes   # Sec. 3.2: Product has 3C channels
     if args.adversary == "stanford":
-        return StanfordAdversary(c_in)
+        return StanfordAdversary(c_in, args.adv_pools)
     return Adversary(c_in, ADVERSARIES[args.adversary])
 
 
@@ -586,6 +642,11 @@ def initialise(model, args):
         load_vgg16(model, state)
     elif args.init == "dilated8":
         load_dilated8(model, args.restore_from)
+    elif args.init == "synthetic":    # the miniature's pretrained start (common.synthetic_pretrained, deviation 14)
+        path = common.synthetic_pretrained(f"luc2016-{args.segmenter}-w{args.width}",
+                                           lambda c: make_segmenter(args, c),
+                                           common.Normalize("imagenet"), args.device)   # as build_data normalises
+        load_synthetic(model, path)
 
 
 # ================================================================================================================
@@ -619,7 +680,7 @@ def build_data(args, source, labeled, stream_state=None):
 # ================================================================================================================
 # Training
 # ================================================================================================================
-LOG_KEYS = ("loss_mce", "loss_adv", "loss_a", "acc_real", "acc_fake")
+LOG_KEYS = ("loss_mce", "loss_adv", "loss_a", "a_real", "a_fake", "acc_real", "acc_fake")
 
 
 def train(args, run_dir, model, A, opt_S, opt_A, stream, select_loader, start, class_names, best):
@@ -670,6 +731,8 @@ def train(args, run_dir, model, A, opt_S, opt_A, stream, select_loader, start, c
             l_a.backward()
             opt_A.step()
             acc("loss_a", l_a), acc("acc_real", (z_real > 0).float().mean()), acc("acc_fake", (z_fake < 0).float().mean())
+            acc("a_real", torch.sigmoid(z_real.detach().float()).mean())     # a's mean output on ground truth
+            acc("a_fake", torch.sigmoid(z_fake.detach().float()).mean())     # ... and on the predictions
 
         # (2) segmentation network, Eq. (3) flipped: L_s = mce + lambda * bce(a(x, enc(s(x))), 1); a is frozen
         if "S" in ph:
@@ -793,7 +856,7 @@ def bf_setup(args, source, val_ids):
     return dict(zip(ids, common.bf_tolerances(sizes))), bf_label
 
 
-def save_pictures(path, pictures, normalize, pal):
+def save_pictures(path, pictures, normalize, pal, class_names):
     """One row per val image: image, ground truth, prediction, the adversarial's probability that it is real
     (bright: "ground truth", dark: "synthetic"; not drawn for the baseline)."""
     rows = [[common.denormalize(x, normalize), common.colorize(y.numpy(), pal), common.colorize(p.numpy(), pal)] +
@@ -802,7 +865,20 @@ def save_pictures(path, pictures, normalize, pal):
     rows = [[np.asarray(Image.fromarray(im).resize((w, h), Image.NEAREST)) for im in r] for r in rows]
     scale = max(1, 256 // h)                                  # small synthetic images: enlarge for the eye
     rows = [[np.kron(im, np.ones((scale, scale, 1), np.uint8)) for im in r] for r in rows]
-    common.save_grid(path, rows)
+    titles = ["image", "ground truth", "prediction", "sigmoid(a): 0 synthetic, 1 ground truth"]
+    common.save_labeled_grid(path, rows, titles[:len(rows[0])], class_names, pal)
+
+
+# curves.png: the losses, the adversarial's mean outputs and accuracies, model selection and the final val scores
+CURVES = [("segmenter losses (mean per logged interval): l_mce, l_bce(a(x, s(x)), 1)", ["loss_mce", "loss_adv"],
+           None),
+          ("adversarial loss L_a, Eq. (2)", ["loss_a"], None),
+          ("mean sigmoid(a) on ground truth / predictions; a's accuracy on each", ["a_real", "a_fake", "acc_real",
+                                                                                   "acc_fake"], (0, 1)),
+          ("model selection (held-out fold or val): mIoU, per-class accuracy", ["select_miou", "select_mean_acc"],
+           (0, 1)),
+          ("val mIoU and mean BF (last model; the selected one at its iteration)",
+           ["val_miou", "val_bf", "val_miou_selected", "val_bf_selected"], (0, 1))]
 
 
 # ================================================================================================================
@@ -824,6 +900,8 @@ def run(argv=None):
         args.__dict__.update(keep)
         args.workers = args.workers if args.workers is not None else saved["workers"]
         args.split, args.resume = os.path.join(run_dir, "labeled.txt"), run_dir
+        if "adv_pools" not in saved:                # runs from before --adv-pools had the paper's trunk
+            args.adv_pools = 2
         resume_state = torch.load(ckpt, map_location="cpu", weights_only=True)
     args = resolve_args(args)
     torch.manual_seed(args.seed)
@@ -900,6 +978,7 @@ def run(argv=None):
         common.compile_modules([model, A], streams, args.batch_size)
         stream = streams["train"]
     stop, G = train(args, run_dir, model, A, opt_S, opt_A, stream, select_loader, start, class_names, best)
+    common.save_curves(run_dir, CURVES)
     if stop < G:
         print(f"stopped at iteration {stop} (--stop-at); continue with --resume {run_dir}")
         return None
@@ -909,16 +988,24 @@ def run(argv=None):
     result, pictures = evaluate(model, A, val_loader, len(class_names), device, amp, args, args.num_pictures, bf)
     metrics = {"last": summary(result, class_names), "iteration": stop, "s_updates": args.num_steps,
                "train_images": len(labeled), "held_out": len(held_out)}
+    final_log = [{"iter": stop, "s_updates": args.num_steps, "val_miou": result["miou"],
+                  **({"val_bf": result["bf_mean"]} if "bf_mean" in result else {})}]
     if best:                                        # Sec. 4: the model selected on the held-out fold is reported
         model.load_state_dict(torch.load(os.path.join(run_dir, "best.pt"), map_location="cpu",
                                          weights_only=True)["model"])
         result, pictures = evaluate(model, A, val_loader, len(class_names), device, amp, args, args.num_pictures, bf)
         metrics["best"] = {**summary(result, class_names), "s_updates": best["s_updates"],
                            f"selection_{args.select}": best["value"]}
+        final_log.append({"iter": best["iteration"], "s_updates": best["s_updates"], "val_miou_selected":
+                          result["miou"], **({"val_bf_selected": result["bf_mean"]} if "bf_mean" in result else {})})
     metrics.update({k: v for k, v in metrics["best" if best else "last"].items() if k != "s_updates"},
                    reported="best" if best else "last")
     if pictures:
-        save_pictures(os.path.join(run_dir, "predictions.png"), pictures, normalize, common.palette(args.data))
+        save_pictures(os.path.join(run_dir, "predictions.png"), pictures, normalize, common.palette(args.data),
+                      class_names)
+    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+        f.write("".join(json.dumps(rec) + "\n" for rec in final_log))
+    common.save_curves(run_dir, CURVES)
     print(common.format_iou_table(result, class_names))
     print(f"{'per-class acc':<16} {100 * result['mean_acc']:5.1f}\n{'mean BF':<16} "
           f"{100 * result.get('bf_mean', float('nan')):5.1f}  (std {100 * result.get('bf_std', float('nan')):.1f}, "
