@@ -122,7 +122,7 @@ PRESETS = {
     # centre): 0 -> 38.9, 0.1 -> 34.0, 0.3 -> 30.9, 2 (the paper's Stanford value) -> 20.5, the mIoU falling steadily
     # with lambda: the adversarial term did not help with all labels there (README, "luc2016"); 0.1 hurt least.
     "synthetic": dict(segmenter="farabet", init="synthetic", width=8, adversary="stanford", adv_pools=0,
-                      encoding="basic", lambda_adv=0.1, lr=1e-3, lr_d=1e-4, alternation="fast", num_steps=1500,
+                      encoding="basic", lambda_adv=0.1, lr=1e-3, lr_d=1e-4, alternation="fast", num_steps=1000,
                       batch_size=8, crop_size=None, optimizer="adam", weight_decay=0.0, eval_every=0,
                       eval_batch_size=50, save_every=500, log_every=100),
 }
