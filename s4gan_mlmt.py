@@ -65,9 +65,11 @@ Deviations and choices (paper / released code sud0301/semisup-semseg / this scri
 15. Evaluation as the code: VOC padded to 505, Context the central 512 x 512, Cityscapes at 512x1024; standard mIoU
     (the code divides by C since 2020; the same on these val sets). Splits: seeded id lists (`--split FILE` reuses
     one; the code's unseeded permutations are pickles, never read here). The CE-only baseline uses batch 8 (code: 10).
-16. The `synthetic` preset is not the paper's setting: ResNet-18 DeepLab at width 32 from scratch with ASPP rates 1-4,
-    Adam 5e-4 (no 10x head), D at width 16, and a small MLMT (see PRESETS), so that both stages and the fused
-    evaluation run on a laptop CPU in about 5 minutes.
+16. The `synthetic` preset is not the paper's setting: ResNet-18 DeepLab at width 32, ASPP rates 1-4, Adam 5e-4 (no
+    10x head); D at width 16 with 2 convs (`--d-layers`: the paper's 4 see 46 px of the 321 px crop, 14%; 2 see 10 px
+    of the 80 px images, 12.5%); a small MLMT (see PRESETS). Both networks start from themselves pretrained on other
+    generated shapes (`--init synthetic`, `--mlmt-init synthetic`: common.synthetic_pretrained, built once and cached,
+    the miniature's stand-in for ImageNet), so that both stages and the fused evaluation run on a laptop CPU.
 """
 import argparse
 import csv
@@ -78,6 +80,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
 import warnings
 
@@ -100,7 +103,7 @@ PAPER = dict(
     random_scale=True, random_mirror=True, official_context_aug=False,           # Sec. 4.1.1 (deviation 6)
     resample="cv2",                                                              # VOC loader's cv2.resize (dev. 6)
     optimizer="sgd", lr=2.5e-4, head_lr_mult=10, momentum=0.9, weight_decay=5e-4, nesterov=False,   # Sec. 4.1.3
-    lr_d=1e-4, power=0.9, ndf=64,                                                # Sec. 4.1.3 (Adam 0.9/0.99)
+    lr_d=1e-4, power=0.9, ndf=64, d_layers=4,                                    # Sec. 4.1.3 (Adam 0.9/0.99); card 4.3
     lambda_fm=0.1, lambda_st=1.0, lambda_gan=0.0, gamma=0.6,                     # Sec. 4.1.3; Table 6 SGAN
     aspp_branches=4, official_optimizer=False, official_input=False, stride_in_1x1=False, official_dropout=False,
     no_amp=False,                                                                # deviation 3
@@ -121,13 +124,15 @@ PRESETS = {
     "cityscapes": dict(batch_size=5, crop_size=(256, 512), resize=(512, 1024), random_scale=False, gamma=0.7,
                        lr_d=1e-5, stage="s4gan", eval_pad=None, eval_batch_size=2, resample="pil"),
     # Not the paper's (deviation 16): the segmenter of hung2018's synthetic preset (README, "The synthetic dataset":
-    # Adam 5e-4 from scratch, ASPP rates 1-4 for 11x11 logits), D at 1/4 width, 1,000 iterations; MLMT: a one-block-
-    # per-stage torchvision ResNet ("resnet10") from scratch on the 80 px images, 20 epochs of the 125 labeled images
-    # (burn-in 2, ramp over epochs 3-12), unlabeled batch 32, lr 0.03 (README, "s4gan_mlmt on synthetic data").
-    "synthetic": dict(backbone="resnet18", width=32, init="none", aspp_rates=(1, 2, 3, 4), num_steps=1000,
+    # Adam 5e-4, ASPP rates 1-4 for 11x11 logits), pretrained on other generated shapes (--init synthetic); D at 1/4
+    # width with 2 convs, the paper's receptive field / crop ratio (Discriminator); 1,000 iterations; MLMT: a one-
+    # block-per-stage torchvision ResNet ("resnet10") on the 80 px images, pretrained on the same other shapes
+    # (--mlmt-init synthetic), 20 epochs of the 125 labeled images (burn-in 2, ramp over epochs 3-12), unlabeled
+    # batch 32, lr 0.03 (README, "s4gan_mlmt on synthetic data").
+    "synthetic": dict(backbone="resnet18", width=32, init="synthetic", aspp_rates=(1, 2, 3, 4), num_steps=1000,
                       batch_size=8, crop_size=None, random_scale=False, random_mirror=True, optimizer="adam",
-                      lr=5e-4, head_lr_mult=1, ndf=16, eval_pad=None, eval_batch_size=50, save_every=400,
-                      log_every=100, mlmt_backbone="resnet10", mlmt_init="none", mlmt_size=80, mlmt_epochs=20,
+                      lr=5e-4, head_lr_mult=1, ndf=16, d_layers=2, eval_pad=None, eval_batch_size=50, save_every=400,
+                      log_every=100, mlmt_backbone="resnet10", mlmt_init="synthetic", mlmt_size=80, mlmt_epochs=20,
                       mlmt_batch_size_unl=32, burn_in=2, mlmt_eval_every=10),
 }
 # Behaviour of the released code that differs from the defaults (methods/README rule 2); see the docstring.
@@ -173,13 +178,18 @@ def get_parser():
     # network and initialisation
     a("--backbone", choices=sorted(BACKBONES), help="paper: resnet101 (smaller ones for quick runs)")
     a("--width", type=int, help="channels of the stem (64 in every torchvision ResNet; synthetic preset: 32)")
-    a("--init", choices=["imagenet", "coco", "none"],
-      help="imagenet: torchvision weights (paper's main rows); coco: COCO-pretrained DeepLab-v2 (Table 1 '+ COCO')")
+    a("--init", choices=["imagenet", "coco", "synthetic", "none"],
+      help="imagenet: torchvision weights (paper's main rows); coco: COCO-pretrained DeepLab-v2 (Table 1 '+ COCO'); "
+           "synthetic: this network pretrained on other generated shapes, the miniature's stand-in (built once, "
+           "cached); none: random")
     a("--restore-from", help=f"path or URL of the DeepLab-v2 (COCO) weights for --init coco (default: {COCO_URL})")
     a("--aspp-rates", type=int, nargs=4, help="ASPP dilation rates (DeepLab-v2: 6 12 18 24)")
     a("--aspp-branches", type=int, choices=[2, 4], help="4: DeepLab-v2; 2: released code's bug (quirk)")
     a("--freeze-bn-stats", action="store_true", help="BN in eval mode during training (default: batch statistics)")
     a("--ndf", type=int, help="D width, channels of its first conv (Sec. 4.1.2: 64)")
+    a("--d-layers", type=int, choices=range(2, 7), metavar="{2..6}",
+      help="stride-2 convs of D before its pooling (Sec. 4.1.2: 4; synthetic preset: 2, the paper's receptive field "
+           "/ crop ratio)")
     # optimisation (Sec. 4.1.3)
     a("--num-steps", type=int, help="iterations (Sec. 4.1.3: 35000 VOC and Cityscapes, 50000 Context)")
     a("--batch-size", type=int, help="images per batch, each of labeled / unlabeled / D's real (Sec. 4.1.3: 8; CS 5)")
@@ -208,7 +218,9 @@ def get_parser():
            "(Eq. (7) names 'the soft output of the MLMT-branch')")
     # MLMT (Sec. 3.2; the released train_mlmt.py where the paper is silent)
     a("--mlmt-backbone", choices=["resnet101", "resnet50", "resnet18", "resnet10"], help="Sec. 4.1.2: resnet101")
-    a("--mlmt-init", choices=["imagenet", "none"], help="Sec. 4.1.2: ImageNet")
+    a("--mlmt-init", choices=["imagenet", "synthetic", "none"],
+      help="Sec. 4.1.2: ImageNet; synthetic: this classifier pretrained on the presence of other generated shapes "
+           "(built once, cached; its fc fresh)")
     a("--mlmt-size", type=int, help="MLMT input, images resized to S x S (code: 320)")
     a("--mlmt-epochs", type=int, help="passes over the labeled images (code: 100)")
     a("--mlmt-batch-size", type=int, help="labeled images per MLMT step (code: 16)")
@@ -273,6 +285,8 @@ def resolve_args(args):
     args.label_pad = 0 if args.official_context_aug and args.data == "context" else IGNORE
     if not 0 < args.gamma < 1 or not 0 < args.tau < 1:
         raise DataError(f"--gamma and --tau are thresholds on probabilities, in (0, 1); got {args.gamma}, {args.tau}")
+    if args.mlmt_backbone == "resnet10" and args.mlmt_init == "imagenet":
+        raise DataError("--mlmt-backbone resnet10 has no ImageNet weights; use --mlmt-init synthetic or none")
     if args.mlmt_scores and args.stage == "mlmt":
         raise DataError("--mlmt-scores fuses an s4GAN run with another run's MLMT; it does nothing with --stage mlmt")
     if args.mlmt_scores and not os.path.isfile(args.mlmt_scores):
@@ -406,22 +420,30 @@ class DeepLabV2(nn.Module):
 # global average pooling (the feature of L_fm), one linear logit. Its input: C class channels, then 3 image channels.
 # ================================================================================================================
 class Discriminator(nn.Module):
-    def __init__(self, num_classes, ndf=64, official_dropout=False):
+    """`layers` 4x4 stride-2 convs before the pooling (Sec. 4.1.2: 4), named convs.0 ... convs.3 for the paper's D.
+
+    Receptive field of the stack before the pooling: each 4x4 stride-2 conv adds 3 px times the stride before it,
+    r(L) = 1 + 3 (1 + 2 + ... + 2^(L-1)) = 3 * 2^L - 2: 4, 10, 22, 46, 94 px for L = 1..5. The paper's 4 convs see
+    46 px of the 321 px VOC crop, 14.3% (the project keeps this ratio to the training crop: methods/README rule 4).
+    On the synthetic preset's 80 px images that is 11.5 px: 2 convs see 10 px (12.5%), 3 convs 22 px (27.5%), so
+    the preset takes 2 (deviation 16); the pooling then averages a 20x20 map, as the paper's D does on 321 px."""
+
+    def __init__(self, num_classes, ndf=64, official_dropout=False, layers=4):
         super().__init__()
-        chans = [num_classes + 3, ndf, ndf * 2, ndf * 4, ndf * 8]
-        self.convs = nn.ModuleList(nn.Conv2d(chans[k], chans[k + 1], 4, stride=2, padding=1) for k in range(4))
+        chans = [num_classes + 3] + [ndf * 2 ** k for k in range(layers)]    # paper: C+3, 64, 128, 256, 512
+        self.convs = nn.ModuleList(nn.Conv2d(chans[k], chans[k + 1], 4, stride=2, padding=1) for k in range(layers))
         if official_dropout:     # released code: Dropout2d (whole channels) after conv1-3, none after conv4 (dev. 7)
-            self.drops = nn.ModuleList([nn.Dropout2d(0.5), nn.Dropout2d(0.5), nn.Dropout2d(0.5), nn.Identity()])
+            self.drops = nn.ModuleList([nn.Dropout2d(0.5) for _ in range(layers - 1)] + [nn.Identity()])
         else:                    # Sec. 4.1.2: "each followed by a Leaky-ReLU ... and a dropout layer" [35]
-            self.drops = nn.ModuleList(nn.Dropout(0.5) for _ in range(4))
-        self.fc = nn.Linear(ndf * 8, 1)
+            self.drops = nn.ModuleList(nn.Dropout(0.5) for _ in range(layers))
+        self.fc = nn.Linear(chans[-1], 1)
         self.leaky_relu = nn.LeakyReLU(0.2)
 
     def forward(self, x):                              # (N, C+3, H, W)
         for conv, drop in zip(self.convs, self.drops):
-            x = drop(self.leaky_relu(conv(x)))         # (N, 64, H/2, W/2) ... (N, 512, H/16, W/16)
+            x = drop(self.leaky_relu(conv(x)))         # paper: (N, 64, H/2, W/2) ... (N, 512, H/16, W/16)
         feat = x.float().mean((2, 3))                  # (N, 512): global average pooling, D_k of Eq. (2), in
-                                                       # float32 also under bf16 autocast (a mean of 400 terms)
+                                                       # float32 also under bf16 autocast (a mean of 20x20 terms)
         return self.fc(feat), feat                     # logit (N, 1): the sigmoid lives in the losses
 
 
@@ -445,18 +467,39 @@ def d_input(seg, image):
 # ================================================================================================================
 # MLMT classifier (Sec. 3.2, 4.1.2): torchvision ResNet-101 with a C-way linear layer, sigmoid outputs
 # ================================================================================================================
-def make_classifier(backbone, num_classes, init):
+def make_classifier(backbone, num_classes, init, src=None):
+    """init imagenet: torchvision's weights; synthetic: the file `src` (mlmt_pretrained); none: random. Every tensor
+    but the output layer `fc` is copied (names and shapes must all fit); `fc` is always fresh."""
     import torchvision
     if backbone == "resnet10":     # synthetic preset only: one basic block per stage (not in the paper)
         net = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
     else:
         net = getattr(torchvision.models, backbone)()
-        if init == "imagenet":
-            weights = {"resnet18": torchvision.models.ResNet18_Weights, "resnet50": torchvision.models.ResNet50_Weights,
-                       "resnet101": torchvision.models.ResNet101_Weights}[backbone].IMAGENET1K_V1
-            net.load_state_dict(load_state(weights.url))
+    if init == "imagenet":
+        src = {"resnet18": torchvision.models.ResNet18_Weights, "resnet50": torchvision.models.ResNet50_Weights,
+               "resnet101": torchvision.models.ResNet101_Weights}[backbone].IMAGENET1K_V1.url
+    if init != "none":
+        state = load_state(src)
+        state = state.get("state_dict", state)                        # common.synthetic_pretrained's file
+        body = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        try:
+            missing, unused = net.load_state_dict(body, strict=False)
+        except RuntimeError as e:                                      # a shape that does not fit
+            raise DataError(f"{src} does not fit the MLMT classifier {backbone}: {str(e).splitlines()[1].strip()}; "
+                            f"check --mlmt-backbone") from None
+        if unused or any(not k.startswith("fc.") for k in missing):
+            raise DataError(f"{src} does not fit the MLMT classifier {backbone}: missing {missing[:3]}, "
+                            f"unexpected {unused[:3]}; check --mlmt-backbone")
     net.fc = nn.Linear(net.fc.in_features, num_classes)   # fresh: the student's and the teacher's differ (dev. 11)
     return net
+
+
+def mlmt_pretrained(args):
+    """--mlmt-init synthetic: the path of this classifier pretrained on which of the other generated shapes an image
+    holds (common.synthetic_pretrained, binary cross-entropy on class presence; built once, cached)."""
+    return common.synthetic_pretrained(f"s4gan_mlmt-mlmt-{args.mlmt_backbone}-{args.mlmt_size}",
+                                       lambda c: make_classifier(args.mlmt_backbone, c, "none"),
+                                       common.Normalize("imagenet"), args.device)   # as MLMTDataset normalises
 
 
 def load_state(src, hint="check the network connection"):
@@ -663,7 +706,8 @@ def load_pretrained(model, state, source):
 
 def initialise(model, args):
     """imagenet (the paper's main rows): torchvision's ResNet; coco: the COCO-pretrained DeepLab-v2 of Table 1's
-    "+ COCO" rows (the same file as hung2018; author's answer in sud0301/semisup-semseg #6)."""
+    "+ COCO" rows (the same file as hung2018; author's answer in sud0301/semisup-semseg #6); synthetic: this
+    DeepLabV2 pretrained on other generated shapes (deviation 16)."""
     if args.init == "none":
         return
     if args.init == "imagenet":
@@ -672,6 +716,13 @@ def initialise(model, args):
                    "resnet50": torchvision.models.ResNet50_Weights,
                    "resnet101": torchvision.models.ResNet101_Weights}[args.backbone].IMAGENET1K_V1
         src, hint = weights.url, "check the network connection"
+    elif args.init == "synthetic":    # the miniature's pretrained start (common.synthetic_pretrained), built as run()
+        # builds it (stride in the 1x1 conv), fed ImageNet-normalised RGB as torchvision's weights (normalizers)
+        rates = ".".join(map(str, args.aspp_rates))
+        src, hint = common.synthetic_pretrained(
+            f"s4gan_mlmt-seg-{args.backbone}-w{args.width}-aspp{rates}x{args.aspp_branches}",
+            lambda c: DeepLabV2(c, args.backbone, args.aspp_rates, args.aspp_branches, width=args.width),
+            common.Normalize("imagenet"), args.device), "delete the file to build it again"
     else:
         src = args.restore_from or COCO_URL
         hint = "download resnet101COCO-41f33a49.pth by hand (README, 'Weights') and pass --restore-from PATH"
@@ -961,9 +1012,10 @@ def train_mlmt(args, run_dir, source, labeled, unlabeled, class_names):
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and not args.no_amp)
     C = len(class_names)
     ckpt_path = os.path.join(run_dir, "mlmt_last.pt")
+    src = mlmt_pretrained(args) if args.mlmt_init == "synthetic" else None
     torch.manual_seed(args.seed + 7)
-    student = make_classifier(args.mlmt_backbone, C, args.mlmt_init)
-    teacher = make_classifier(args.mlmt_backbone, C, args.mlmt_init)    # its own fc (deviation 11)
+    student = make_classifier(args.mlmt_backbone, C, args.mlmt_init, src)
+    teacher = make_classifier(args.mlmt_backbone, C, args.mlmt_init, src)    # same start, its own fc (dev. 11)
     teacher.requires_grad_(False)                                       # changed by the EMA only
     student.to(device, memory_format=torch.channels_last)        # before the optimizer state is loaded: its
     teacher.to(device, memory_format=torch.channels_last)        # momentum buffers follow the parameters' device
@@ -982,7 +1034,8 @@ def train_mlmt(args, run_dir, source, labeled, unlabeled, class_names):
     val_ds = MLMTDataset(source, source.splits["val"], args.mlmt_size, C, train=False)
     batches, steps = mlmt_batches(lab_ds, unl_ds, args.mlmt_batch_size, args.mlmt_batch_size_unl, args.seed + 10,
                                   start, args.workers, pin)                # loaders made once (persistent workers)
-    print(f"MLMT: {args.mlmt_backbone} ({args.mlmt_init}), {args.mlmt_epochs} epochs of {steps} steps "
+    print(f"MLMT: {args.mlmt_backbone} ({args.mlmt_init}{f' from {src}' if src else ''}), "
+          f"{args.mlmt_epochs} epochs of {steps} steps "
           f"({args.mlmt_batch_size} labeled + {args.mlmt_batch_size_unl} unlabeled images), consistency {args.cons}; "
           f"starting at epoch {start}")
     meter = Meter(MLMT_KEYS, device)
@@ -1132,7 +1185,7 @@ def evaluate(model, loader, num_classes, device, amp, scores=None, tau=0.2, offi
     return cm.compute(), cm_fused.compute() if scores is not None else None, pictures
 
 
-def save_pictures(path, pictures, normalize, pal):
+def save_pictures(path, pictures, normalize, pal, class_names):
     """One row per val image: image, ground truth, s4GAN's prediction, and s4GAN + MLMT's (paper Fig. 4 / 7)."""
     rows = []
     for x, y, p, fused in pictures:
@@ -1141,7 +1194,36 @@ def save_pictures(path, pictures, normalize, pal):
                     ([] if fused is None else [common.colorize(fused.numpy(), pal)]))
     scale = max(1, 256 // rows[0][0].shape[0])               # small synthetic images: enlarge for the eye
     rows = [[np.kron(im, np.ones((scale, scale, 1), np.uint8)) for im in r] for r in rows]
-    common.save_grid(path, rows)
+    common.save_labeled_grid(path, rows, ["image", "ground truth", "s4GAN", "s4GAN + MLMT, Eq. (7)"][:len(rows[0])],
+                             class_names, pal)
+
+
+# curves.png (as the paper's Fig. 11): S's and D's losses, D's mean outputs with the share of unlabeled images that
+# pass gamma into L_st, and val mIoU; curves_mlmt.png: the MLMT's epochs
+CURVES = [("S's losses, Eqs. (1)-(4) (mean per logged interval)", ["loss_ce", "loss_fm", "loss_st", "loss_gan"], None),
+          ("D's loss, Eq. (5)", ["loss_D"], None),
+          ("mean sigmoid(D) on ground truth / predictions; share of unlabeled images in L_st",
+           ["D_real", "D_fake", "st_selected"], (0, 1)),
+          ("val mIoU: s4GAN, and fused with the MLMT's scores (Eq. (7))", ["val_miou", "val_miou_fused"], None)]
+
+
+def mlmt_curves(fuse_with):
+    return [("MLMT losses, Eq. (6), per epoch (L_cons: before its weight)", ["loss_cls", "loss_cons"], None),
+            ("weight of L_cons, lambda_cons w(epoch)", ["cons_weight"], None),
+            ("val mean average precision of the class scores", ["teacher_map", "student_map"], (0, 1)),
+            (f"val precision / recall of 'present' at tau ({fuse_with}, as fused)",
+             [f"{fuse_with}_precision_at_tau", f"{fuse_with}_recall_at_tau"], (0, 1))]
+
+
+def save_mlmt_curves(run_dir, fuse_with):
+    """curves_mlmt.png over epochs: common.save_curves plots log.jsonl's "iter" (s4GAN's iterations), so it reads a
+    copy of the MLMT lines with iter = epoch."""
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "log.jsonl"), "w") as f:
+            f.writelines(json.dumps({**r, "iter": r["epoch"]}) + "\n" for r in recs if r.get("stage") == "mlmt")
+        common.save_curves(tmp, mlmt_curves(fuse_with), os.path.join(run_dir, "curves_mlmt.png"))
 
 
 # ================================================================================================================
@@ -1189,7 +1271,7 @@ def run(argv=None):
         # stride in the 3x3 conv for torchvision's weights, as they were trained (deviation 5)
         model = DeepLabV2(len(class_names), args.backbone, args.aspp_rates, args.aspp_branches,
                           stride_in_3x3=args.init == "imagenet" and not args.stride_in_1x1, width=args.width)
-        D = Discriminator(len(class_names), args.ndf, args.official_dropout)
+        D = Discriminator(len(class_names), args.ndf, args.official_dropout, args.d_layers)
         if resume_state is None:
             initialise(model, args)
         else:
@@ -1243,6 +1325,7 @@ def run(argv=None):
         if args.compile:
             common.compile_modules([model, D], streams, args.batch_size)
         stop = train(args, run_dir, model, D, opt_S, opt_D, streams, val_loader, start, class_names, scores)
+        common.save_curves(run_dir, CURVES)
         if stop < args.num_steps:
             print(f"stopped at iteration {stop} (--stop-at); continue with --resume {run_dir}")
             return None
@@ -1250,6 +1333,7 @@ def run(argv=None):
         streams.clear()                        # their persistent workers end before MLMT's loaders start
     if do_mlmt:
         mlmt = train_mlmt(args, run_dir, source, labeled, unlabeled, class_names)
+        save_mlmt_curves(run_dir, args.fuse_with)
         metrics["mlmt"] = {k: v for k, v in mlmt.items() if k != "scores"}
         scores = dict(zip(source.splits["val"], mlmt["scores"]))
     if do_s4gan:
@@ -1257,9 +1341,13 @@ def run(argv=None):
         result, fused, pictures = evaluate(model, val_loader, len(class_names), device, amp, scores, args.tau,
                                            args.fuse_logits, args.num_pictures)
         if pictures:
-            save_pictures(os.path.join(run_dir, "predictions.png"), pictures, normalize, common.palette(args.data))
+            save_pictures(os.path.join(run_dir, "predictions.png"), pictures, normalize, common.palette(args.data),
+                          class_names)
         print("s4GAN" + (" (left) and s4GAN + MLMT (right)" if fused else ""))
         print(format_tables(result, fused, class_names))
+        write_log(run_dir, {"iter": stop, "val_miou": result["miou"],
+                            **({"val_miou_fused": fused["miou"]} if fused else {})})
+        common.save_curves(run_dir, CURVES)
         metrics.update({"miou": result["miou"], "pixel_acc": result["pixel_acc"], "mean_acc": result["mean_acc"],
                         "iou": dict(zip(class_names, result["iou"]))})
         if fused:

@@ -1034,7 +1034,7 @@ def test_s4_end_to_end_both_stages_and_fusion(tmp_path):
         assert os.path.isfile(os.path.join(out, name)), name
     assert 0 <= m["miou"] <= 1 and 0 <= m["fused"]["miou"] <= 1 and set(m["iou"]) == set(common.SyntheticSource.CLASSES)
     log = read_log(out)
-    seg = [r for r in log if "iter" in r]
+    seg = [r for r in log if "loss_ce" in r]
     assert [r["iter"] for r in seg] == [1, 2, 3, 4]
     for r in seg:
         for k in ("loss_ce", "loss_fm", "loss_st", "loss_D", "D_real", "D_fake", "st_selected"):
@@ -1058,7 +1058,7 @@ def test_s4_baseline_resume_and_same_seed(tmp_path):
     assert s4.main(["--data", "synthetic", "--out", parted, "--stage", "s4gan", "--stop-at", "2"] + S4_TINY) is None
     s4.main(["--data", "synthetic", "--resume", parted])
     s4.main(["--data", "synthetic", "--out", again, "--stage", "s4gan", "--stop-at", "2"] + S4_TINY)
-    a, b, c = read_log(straight), read_log(parted), read_log(again)
+    a, b, c = ([r for r in read_log(run) if "loss_ce" in r] for run in (straight, parted, again))
     assert [r["iter"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
         for k in ("loss_ce", "loss_fm", "loss_st", "loss_D"):
@@ -1094,7 +1094,7 @@ def test_s4_mlmt_resume_and_fusion_from_another_run(tmp_path, monkeypatch):
                  os.path.join(straight, "mlmt_val_scores.csv"), "--eval-every", "2"] + S4_TINY)
     assert 0 <= m["fused"]["miou"] <= 1 and m["fused"]["scores"].endswith("mlmt_val_scores.csv")
     evals = [r for r in read_log(out) if "val_miou" in r]                # the released README's snapshot protocol
-    assert [r["iter"] for r in evals] == [2] and 0 <= evals[0]["val_miou_fused"] <= 1
+    assert [r["iter"] for r in evals] == [2, 4] and all(0 <= r["val_miou_fused"] <= 1 for r in evals)   # 4: final
 
 
 def test_s4_discriminator_counts_shapes_and_dropout():
@@ -2717,3 +2717,87 @@ def test_luc_adversary_pools_keep_the_papers_field_of_view_ratio(tmp_path):
         json.dump(saved, f)
     m = luc2016.main(["--resume", out, "--data", "synthetic"])
     assert 0 <= m["miou"] <= 1 and [r["iter"] for r in read_log(out)] == [1, 2, 3, 4, 4]
+
+# ===============================================================================================================
+# issue 15: s4gan_mlmt
+# ===============================================================================================================
+def test_s4_synthetic_preset_pretrained_starts_and_pictures(tmp_path, monkeypatch):
+    """The synthetic preset starts S and both MLMT classifiers from common.synthetic_pretrained's cached files: every
+    backbone tensor equals the file's, the output layers are fresh; predictions.png, curves.png, curves_mlmt.png."""
+    seen = {}
+    initialise, make_classifier = s4.initialise, s4.make_classifier
+
+    def spy_initialise(model, args):
+        initialise(model, args)
+        seen["S"] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def spy_classifier(backbone, num_classes, init, src=None):
+        net = make_classifier(backbone, num_classes, init, src)
+        if init == "synthetic":
+            seen.setdefault("mlmt", []).append(({k: v.clone() for k, v in net.state_dict().items()}, src))
+        return net
+    monkeypatch.setattr(s4, "initialise", spy_initialise)
+    monkeypatch.setattr(s4, "make_classifier", spy_classifier)
+    out = str(tmp_path / "run")
+    m = s4.main(["--data", "synthetic", "--out", out] + S4_TINY)
+    args = json.loads((tmp_path / "run" / "args.json").read_text())
+    assert (args["init"], args["mlmt_init"], args["d_layers"]) == ("synthetic", "synthetic", 2)
+    for name in ("predictions.png", "curves.png", "curves_mlmt.png"):
+        assert Image.open(os.path.join(out, name)).size[0] > 200, name
+    assert Image.open(os.path.join(out, "predictions.png")).size[1] > 2 * 240        # 2 rows of 240 px, titles, legend
+    log = read_log(out)
+    assert log[-1] == {"iter": 4, "val_miou": m["miou"], "val_miou_fused": m["fused"]["miou"]}
+
+    hub = os.path.join(torch.hub.get_dir(), "checkpoints")
+    seg_file = os.path.join(hub, "synthetic-pretrain-s4gan_mlmt-seg-resnet18-w32-aspp1.2.3.4x4-v1.pt")
+    pre = torch.load(seg_file, map_location="cpu", weights_only=True)["state_dict"]
+    S = seen["S"]
+    backbone = [k for k in S if not k.startswith("layer5.")]
+    assert backbone and all(torch.equal(S[k], pre[k]) for k in backbone)
+    torch.manual_seed(0)                                          # run() builds S first after seeding with --seed 0
+    fresh = s4.DeepLabV2(6, "resnet18", (1, 2, 3, 4), width=32).state_dict()
+    assert pre["layer5.conv2d_list.0.weight"].shape[0] == common.SyntheticPretrainSource.NUM_CLASSES
+    assert all(torch.equal(S[k], fresh[k]) for k in S if k.startswith("layer5."))   # the head: fresh, not loaded
+
+    (student, src_s), (teacher, src_t) = seen["mlmt"]
+    assert src_s == src_t == os.path.join(hub, "synthetic-pretrain-s4gan_mlmt-mlmt-resnet10-48-v1.pt")
+    pre = torch.load(src_s, map_location="cpu", weights_only=True)["state_dict"]
+    assert pre["fc.weight"].shape == (common.SyntheticPretrainSource.NUM_CLASSES, 512)
+    body = [k for k in student if not k.startswith("fc.")]
+    assert body and all(torch.equal(net[k], pre[k]) for net in (student, teacher) for k in body)
+    assert student["fc.weight"].shape == teacher["fc.weight"].shape == (6, 512)
+    assert not torch.equal(student["fc.weight"], teacher["fc.weight"])          # each its own fresh fc
+
+    # the classifier's loading code refuses a file of another network, in one line
+    with pytest.raises(common.DataError, match="does not fit the MLMT classifier resnet18"):
+        s4.make_classifier("resnet18", 6, "synthetic", src_s)
+
+
+def test_s4_d_layers_conv_count_and_receptive_field(tmp_path):
+    parse = lambda *a: s4.resolve_args(s4.get_parser().parse_args(list(a)))
+    assert parse("--data", "voc").d_layers == 4 and parse("--data", "synthetic").d_layers == 2
+    assert parse("--data", "synthetic", "--d-layers", "3").d_layers == 3
+    paper = s4.Discriminator(21)
+    assert [k for k in paper.state_dict() if k.startswith("convs.")] == [
+        f"convs.{i}.{p}" for i in range(4) for p in ("weight", "bias")]           # the paper's names kept
+    for layers, rf in ((2, 10), (3, 22), (4, 46)):               # r(L) = 3 * 2^L - 2 (Discriminator's docstring)
+        D = s4.Discriminator(21, ndf=8, layers=layers).eval()
+        assert len(D.convs) == layers and D.fc.in_features == 8 * 2 ** (layers - 1)
+        assert [type(d) for d in s4.Discriminator(21, 8, True, layers).drops] == \
+            [torch.nn.Dropout2d] * (layers - 1) + [torch.nn.Identity]
+        x = torch.rand(1, 24, 96, 96, requires_grad=True)
+        h = x
+        for conv in D.convs:
+            h = D.leaky_relu(conv(h))
+        c = h.shape[-1] // 2
+        h[0, :, c, c].sum().backward()                          # one output position: its support in the input
+        cols = (x.grad.abs().sum((0, 1, 2)) > 0).nonzero().flatten()
+        assert cols.max() - cols.min() + 1 == len(cols) == rf, (layers, len(cols))
+        z, feat = D(torch.rand(2, 24, 80, 80))
+        assert z.shape == (2, 1) and feat.shape == (2, 8 * 2 ** (layers - 1))
+    out = tmp_path / "r"
+    s4.main(["--data", "synthetic", "--stage", "s4gan", "--out", str(out), "--d-layers", "3", "--num-pictures", "0"] +
+            S4_TINY[:4] + ["--num-steps", "1"])
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["D"]
+    assert sorted({k.split(".")[1] for k in state if k.startswith("convs.")}) == ["0", "1", "2"]
+    assert state["fc.weight"].shape == (1, 16 * 4)                                  # ndf 16 (preset), 3 convs
