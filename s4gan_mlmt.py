@@ -1241,6 +1241,7 @@ def run(argv=None):
             saved = json.load(f)
         keep = {k: getattr(args, k) for k in ("device", "workers", "stop_at", "compile", "benchmark",
                                               "peak_tflops")}   # where, how long and how fast: from now
+        saved.setdefault("d_layers", 4)    # run folders from before --d-layers had the paper's D
         args = argparse.Namespace(**saved)
         args.__dict__.update(keep)
         args.workers = args.workers if args.workers is not None else saved["workers"]
