@@ -111,7 +111,7 @@ PAPER = dict(
     weight_decay=1e-4, nesterov=False, ndf=64, freeze_bn_stats=False,               # Sec. 4.1 (dev. 12); dev. 10
     lambda_adv=0.01, lambda_adv_unl=0.001, lambda_semi=0.1, semi_start=5000,        # Sec. 4.1; dev. 6 (Hung)
     threshold_mode="one_minus_d1", t_static=0.9,                                    # dev. 5; Sec. 4.2
-    d1_head="gap", d2_structure="s4", d2_input="prob",                              # card 4-5; Tables 6-7
+    d1_head="gap", d2_structure="s4", d2_input="prob", d1_layers=5, d2_layers=4,   # card 4-5; Tables 6-7
     d2_real_term=False, freeze_d_after_warmup=True, calib_hung_d=True,
     eval_pad=(505, 505), eval_batch_size=4, save_every=1000, eval_every=0, log_every=20)
 PRESETS = {
@@ -188,6 +188,11 @@ def get_parser():
     a("--ablation", choices=list(ABLATIONS), default="full", help="Table 3 row (default: full method)")
     a("--ndf", type=int, help="discriminator width, channels of the first conv (Hung: 64)")
     a("--d1-head", choices=["gap", "fc"], help="D1's image-level head (deviation 2)")
+    a("--d1-layers", type=int, choices=range(2, 7), metavar="{2..6}",
+      help="stride-2 4x4 convs of D1 and of the Hung-style D, classifier included (Hung: 5; synthetic preset: 3, the "
+           "paper's receptive field / crop ratio)")
+    a("--d2-layers", type=int, choices=range(2, 7), metavar="{2..6}",
+      help="D2's encoder convs e1..en (card 5: 4; synthetic preset: 2, the paper's receptive field / crop ratio)")
     a("--d2-structure", choices=["s1", "s2", "s3", "s4"], help="Table 7 structure (default s4: OS 16, x4)")
     a("--d2-input", choices=["prob", "prob_rgb", "label_rgb", "prob_x_rgb"], help="Table 6 design (default prob)")
     a("--d2-real-term", action="store_true", default=None, help="also train D2 on one-hot ground truth, target 1")
@@ -321,6 +326,29 @@ class DeepLabV3Plus(nn.Module):
 # ================================================================================================================
 # Discriminators (card 4-5). All three use Hung's trunk: 4x4 stride-2 convs, LeakyReLU 0.2, no BatchNorm.
 # ================================================================================================================
+# Depth (deviation 15; methods/README rule 4: the miniature keeps the paper's ratio of a discriminator's receptive
+# field, RF, to the training crop, as hung2018.py's D: 94 px of 321, 3 layers: 22 px of 80). Counted in input pixels:
+# a 4x4 stride-2 conv adds 3 steps of its input grid, a 3x3 conv 2, a bilinear up-sampling 1 step of its coarse grid
+# (two taps); after e1, e2, e3, e4 a step is 2, 4, 8, 16 px. The last up-sampling to the input size, which no conv
+# follows, is not counted (nor is it in Hung's 94 px). n stride-2 4x4 convs see 1 + 3 (2^n - 1) px: 4, 10, 22, 46, 94.
+#   D1, `--d1-layers` n (gap head: its conv stack before pooling is Hung's D): paper n = 5: 94 px of 321 = 29.3%;
+#       80 px: n = 2: 10 px = 12.5%, n = 3: 22 px = 27.5%, n = 4: 46 px = 57.5%  -> 3. With `--d1-head fc` the
+#       pooled stack is the trunk, n - 1 convs: paper 46 / 321 = 14.3%; n = 3: 10 / 80 = 12.5% -> the same 3. The
+#       Hung-style comparison D (deviation 13) is the same stack and takes the same n.
+#   D2, `--d2-layers` n (encoder e1..en):
+#       s4 (default): e_n, up to e2's grid (+2^n; none for n = 2), two 3x3 convs at OS 4 (+16):
+#           paper n = 4: 46 + 16 + 16 = 78 px of 321 = 24.3%; 80 px: n = 2: 10 + 16 = 26 px = 32.5%,
+#           n = 3: 22 + 8 + 16 = 46 px = 57.5%  -> 2. At n = 2 the bottleneck is e2 itself (OS 4): the decoder then
+#           reads e2 twice (deep path and 1x1 skip); s4 at 80 px cannot keep both its OS 16 and the paper's ratio.
+#       s1: e_n and a 3x3 conv at OS 2^n: paper 46 + 32 = 78 (24.3%); n = 2: 18 (22.5%), n = 3: 38 (47.5%) -> 2.
+#       s2: e1, e2 stride 2, e3..en 3x3 stride 1 at OS 4, a 3x3 conv: paper 10 + 8 + 8 + 8 = 34 (10.6%);
+#           n = 2: 18 (22.5%), n = 3: 26 (32.5%) -> 2.
+#       s3: e_n, then for e_{n-1} .. e1 up (+1 coarse step) and a 3x3 conv, up to H x W and a 3x3 conv:
+#           1 + 3 (2^n - 1) + 4 (2^n - 2) + 4: paper 106 (33.0%); n = 2: 22 (27.5%), n = 3: 50 (62.5%) -> 2.
+#           (Measured, the field snaps to whole e_n cells, since the up-samplings only interpolate between them:
+#           94-110 px on 321, 46-54 on 80 at n = 3; the choice stays 2.)
+#   So one value per discriminator fits every head and structure: synthetic preset d1_layers=3, d2_layers=2
+#   (test_smoke measures these receptive fields from gradients).
 def conv_lrelu(cin, cout, k=4, stride=2):
     return nn.Sequential(nn.Conv2d(cin, cout, k, stride=stride, padding=1 if k in (3, 4) else 0),
                          nn.LeakyReLU(0.2, inplace=True))
@@ -328,17 +356,20 @@ def conv_lrelu(cin, cout, k=4, stride=2):
 
 class ImageDiscriminator(nn.Module):
     """D1 (deviation 2): Hung's trunk, a 4x4/2 conv to one channel, global average pooling: one logit per image.
-    `head="fc"`: global average pooling of the trunk's 512 channels and a linear layer instead."""
+    `head="fc"`: global average pooling of the trunk's 512 channels and a linear layer instead. `layers` counts the
+    stride-2 convs with the classifier (paper 5: trunk of 4, 64-128-256-512; the linear layer takes the classifier's
+    place with `fc`); the synthetic preset uses 3 (receptive fields above)."""
 
-    def __init__(self, in_channels, ndf=64, head="gap"):
+    def __init__(self, in_channels, ndf=64, head="gap", layers=5):
         super().__init__()
-        self.trunk = nn.Sequential(conv_lrelu(in_channels, ndf), conv_lrelu(ndf, ndf * 2),
-                                   conv_lrelu(ndf * 2, ndf * 4), conv_lrelu(ndf * 4, ndf * 8))
+        chans = [in_channels] + [ndf * 2 ** k for k in range(layers - 1)]
+        self.trunk = nn.Sequential(*[conv_lrelu(chans[k], chans[k + 1]) for k in range(layers - 1)])
         self.head = head
-        self.classifier = nn.Conv2d(ndf * 8, 1, 4, stride=2, padding=1) if head == "gap" else nn.Linear(ndf * 8, 1)
+        self.classifier = (nn.Conv2d(chans[-1], 1, 4, stride=2, padding=1) if head == "gap"
+                           else nn.Linear(chans[-1], 1))
 
     def forward(self, x):                                           # (N, C, H, W)
-        x = self.trunk(x)                                           # (N, 512, H/16, W/16)
+        x = self.trunk(x)                                           # paper: (N, 512, H/16, W/16)
         if self.head == "gap":
             return self.classifier(x).float().mean((1, 2, 3))       # (N,) logits, averaged in float32
         return self.classifier(x.mean((2, 3)))[:, 0]                # (N,)
@@ -351,52 +382,55 @@ class PixelDiscriminator(nn.Module):
       s2: OS 4, x4: e3 and e4 are 3x3 stride-1 convs (features stay at OS 4), a 3x3 conv, bilinear to H x W.
       s3: OS 16, x2 per stage (U-Net-like): up x2, concatenate the skip (e3, e2, e1), 3x3 conv, four times.
       s4: OS 16, x4 (DeepLab-v3+-like, default): e4 up to e2's size, concatenated with e2 reduced to 48 channels,
-          two 3x3 convs and a 1x1 conv at OS 4, bilinear to H x W."""
+          two 3x3 convs and a 1x1 conv at OS 4, bilinear to H x W.
+    `layers` n: encoder e1..en (paper 4; synthetic preset 2, receptive fields above), channels ndf * 2^(k-1), the
+    decoders as above with e_n for e4 (s3: one stage per skip e_{n-1}..e1)."""
 
-    def __init__(self, in_channels, ndf=64, structure="s4"):
+    def __init__(self, in_channels, ndf=64, structure="s4", layers=4):
         super().__init__()
-        self.structure = structure
-        k, s = (3, 1) if structure == "s2" else (4, 2)
-        self.e1, self.e2 = conv_lrelu(in_channels, ndf), conv_lrelu(ndf, ndf * 2)
-        self.e3, self.e4 = conv_lrelu(ndf * 2, ndf * 4, k, s), conv_lrelu(ndf * 4, ndf * 8, k, s)
+        self.structure, self.layers = structure, layers
+        ch = [in_channels] + [ndf * 2 ** k for k in range(layers)]          # ch[k]: channels of e_k
+        for k in range(1, layers + 1):                                      # e1 ... e4 for the paper's D2
+            k_s = (3, 1) if structure == "s2" and k > 2 else (4, 2)
+            setattr(self, f"e{k}", conv_lrelu(ch[k - 1], ch[k], *k_s))
         if structure in ("s1", "s2"):
-            self.classifier = nn.Conv2d(ndf * 8, 1, 3, padding=1)
+            self.classifier = nn.Conv2d(ch[-1], 1, 3, padding=1)
         elif structure == "s3":
-            self.d3 = conv_lrelu(ndf * 8 + ndf * 4, ndf * 4, 3, 1)
-            self.d2 = conv_lrelu(ndf * 4 + ndf * 2, ndf * 2, 3, 1)
-            self.d1 = conv_lrelu(ndf * 2 + ndf, ndf, 3, 1)
+            for k in range(layers - 1, 0, -1):                              # d3, d2, d1 for the paper's D2
+                setattr(self, f"d{k}", conv_lrelu(ch[k + 1] + ch[k], ch[k], 3, 1))
             self.classifier = nn.Conv2d(ndf, 1, 3, padding=1)
         else:
             self.skip = conv_lrelu(ndf * 2, ndf * 3 // 4, 1, 1)    # 128 -> 48 at ndf 64
-            self.decoder = nn.Sequential(conv_lrelu(ndf * 8 + ndf * 3 // 4, ndf * 4, 3, 1),
+            self.decoder = nn.Sequential(conv_lrelu(ch[-1] + ndf * 3 // 4, ndf * 4, 3, 1),
                                          conv_lrelu(ndf * 4, ndf * 4, 3, 1))
             self.classifier = nn.Conv2d(ndf * 4, 1, 1)
 
     def forward(self, x):                                           # (N, C_in, H, W)
         size = x.shape[-2:]
-        e1 = self.e1(x)                                             # (N, 64, H/2, W/2)
-        e2 = self.e2(e1)                                            # (N, 128, H/4, W/4)
-        e3 = self.e3(e2)                                            # (N, 256, H/8, W/8); s2: H/4
-        e4 = self.e4(e3)                                            # (N, 512, H/16, W/16); s2: H/4
-        if self.structure in ("s1", "s2"):
-            return up(self.classifier(e4).float(), size)            # (N, 1, H, W), float32 under autocast
+        e = [x]
+        for k in range(1, self.layers + 1):                         # paper: e1 (N, 64, H/2, W/2), e2 (N, 128, H/4,
+            e.append(getattr(self, f"e{k}")(e[-1]))                 # W/4), e3 (N, 256, H/8), e4 (N, 512, H/16);
+        if self.structure in ("s1", "s2"):                          # s2: e3, e4 stay at H/4
+            return up(self.classifier(e[-1]).float(), size)         # (N, 1, H, W), float32 under autocast
         if self.structure == "s3":
-            d = self.d3(torch.cat([up(e4, e3.shape[-2:]), e3], 1))  # (N, 256, H/8, W/8)
-            d = self.d2(torch.cat([up(d, e2.shape[-2:]), e2], 1))   # (N, 128, H/4, W/4)
-            d = self.d1(torch.cat([up(d, e1.shape[-2:]), e1], 1))   # (N, 64, H/2, W/2)
+            d = e[-1]
+            for k in range(self.layers - 1, 0, -1):                 # paper: (N, 256, H/8), (N, 128, H/4), (N, 64, H/2)
+                d = getattr(self, f"d{k}")(torch.cat([up(d, e[k].shape[-2:]), e[k]], 1))
             return self.classifier(up(d, size)).float()             # (N, 1, H, W)
-        d = torch.cat([up(e4, e2.shape[-2:]), self.skip(e2)], 1)    # (N, 560, H/4, W/4)
+        d = torch.cat([up(e[-1], e[2].shape[-2:]), self.skip(e[2])], 1)   # (N, 560, H/4, W/4)
         return up(self.classifier(self.decoder(d)).float(), size)   # (N, 1, H, W)
 
 
 class FCDiscriminator(nn.Module):
     """Hung et al.'s discriminator (hung2018.py), here only for Fig. 2's comparison (deviation 13): five 4x4/2 convs
-    {64, 128, 256, 512, 1}, LeakyReLU 0.2; logits at about 1/32, up-sampled to the input size by the caller."""
+    {64, 128, 256, 512, 1}, LeakyReLU 0.2; logits at about 1/32, up-sampled to the input size by the caller.
+    `layers`: the number of those convs (D1's stack; synthetic preset 3, as hung2018.py's)."""
 
-    def __init__(self, num_classes, ndf=64):
+    def __init__(self, num_classes, ndf=64, layers=5):
         super().__init__()
-        self.net = nn.Sequential(conv_lrelu(num_classes, ndf), conv_lrelu(ndf, ndf * 2), conv_lrelu(ndf * 2, ndf * 4),
-                                 conv_lrelu(ndf * 4, ndf * 8), nn.Conv2d(ndf * 8, 1, 4, stride=2, padding=1))
+        chans = [num_classes] + [ndf * 2 ** k for k in range(layers - 1)]
+        self.net = nn.Sequential(*[conv_lrelu(chans[k], chans[k + 1]) for k in range(layers - 1)],
+                                 nn.Conv2d(chans[-1], 1, 4, stride=2, padding=1))
 
     def forward(self, x):
         return up(self.net(x).float(), x.shape[-2:])                # (N, 1, H, W)
@@ -408,11 +442,11 @@ def build_discriminators(num_classes, args):
              "prob_x_rgb": 3 * num_classes}[args.d2_input]
     D = nn.ModuleDict()
     if args.d1:
-        D["d1"] = ImageDiscriminator(num_classes, args.ndf, args.d1_head)
+        D["d1"] = ImageDiscriminator(num_classes, args.ndf, args.d1_head, args.d1_layers)
     if args.d2:
-        D["d2"] = PixelDiscriminator(d2_in, args.ndf, args.d2_structure)
+        D["d2"] = PixelDiscriminator(d2_in, args.ndf, args.d2_structure, args.d2_layers)
         if args.calib_hung_d:
-            D["hung"] = FCDiscriminator(num_classes, args.ndf)
+            D["hung"] = FCDiscriminator(num_classes, args.ndf, args.d1_layers)
     return D
 
 
