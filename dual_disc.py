@@ -173,7 +173,9 @@ def get_parser():
     # generator G: DeepLab-v3+ (deviation 11)
     a("--backbone", choices=sorted(BACKBONES), help="paper: resnet101 (resnet14: synthetic preset only)")
     a("--width-per-group", type=int, help="torchvision's bottleneck inner width (64 in ResNet-50/101; synthetic 16)")
-    a("--init", choices=["imagenet", "none"], help="imagenet: torchvision's ResNet weights (card 3); none: random")
+    a("--init", choices=["imagenet", "synthetic", "none"],
+      help="imagenet: torchvision's ResNet weights (card 3); synthetic: this network pretrained on other generated "
+           "shapes, the miniature's stand-in (built once, cached; all but the classifier loaded); none: random")
     a("--restore-from", help="path of torchvision ResNet weights for --init imagenet (default: download them)")
     a("--output-stride", type=int, choices=[8, 16], help="backbone output stride (card 3: 16)")
     a("--aspp-rates", type=int, nargs=3, help="ASPP rates at output stride 16 (DeepLab-v3+: 6 12 18)")
@@ -599,14 +601,68 @@ def set_train_mode(model, freeze_bn_stats):
                 m.eval()
 
 
+# Parts of G a pretrained file may fill, by name prefix; `classifier` (the class-specific 1x1 conv) always starts fresh
+G_PARTS = (("backbone", ("backbone.",)), ("ASPP", ("aspp.",)), ("decoder", ("reduce.", "decoder.")))
+
+
+def load_pretrained(model, state, source):
+    """Copy tensors into G by name and shape. A torchvision ResNet file (conv1.weight, layer1.0..., fc.*) fills the
+    backbone, its `fc` dropped, ASPP and decoder fresh; a file of this DeepLabV3Plus (backbone.*, aspp.*, reduce.*,
+    decoder.*, classifier.*; `--init synthetic`) fills backbone, ASPP and decoder, which were pretrained with the same
+    shapes. The classifier, the only class-specific layer, is never loaded. A tensor of another shape, a missing or
+    an unknown one is an error. Returns the loaded names."""
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):    # common.synthetic_pretrained's file
+        state = state["state_dict"]
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items() if torch.is_tensor(v)}
+    whole = any(k.startswith("backbone.") for k in state)
+    if not whole:                                                  # a torchvision ResNet: the backbone alone
+        state = {"backbone." + k: v for k, v in state.items()}
+    parts = G_PARTS if whole else G_PARTS[:1]
+    own = model.state_dict()
+    in_part = lambda k, ps: any(k.startswith(p) for _, prefixes in ps for p in prefixes)
+    target = [k for k in own if in_part(k, parts)]
+    dropped = sorted(k for k in state if k.startswith(("backbone.fc.", "classifier.")))   # class-specific layers
+    wrong = [k for k in target if k in state and state[k].shape != own[k].shape]
+    missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in target and k not in dropped]
+    if wrong or missing or unexpected:
+        kind = (f"a DeepLab-v3+ of this shape (--backbone {model.backbone_name}, --width-per-group, --output-stride, "
+                f"--aspp-*, --*-channels)" if whole else f"a torchvision {model.backbone_name}")
+        raise DataError(f"{source} is not {kind}: other shapes {wrong[:3]}, missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}")
+    loaded = [k for k in target if k in state]
+    with torch.no_grad():
+        for k in loaded:
+            own[k].copy_(state[k])
+    n = lambda names, ps: sum(in_part(k, [(None, ps)]) for k in names)
+    counts = ", ".join(f"{name} {n(loaded, ps)}/{n(own, ps)}" for name, ps in G_PARTS)
+    print(f"loaded {len(loaded)} tensors of G from {source} ({counts}; tensors by name and shape); not loaded: "
+          f"{', '.join(dropped) or 'none'}; the classifier (class-specific) starts fresh"
+          f"{'' if whole else ', and so do ASPP and decoder'}")
+    return loaded
+
+
 def initialise(model, args):
-    """torchvision's ImageNet ResNet weights into the backbone (its `fc` is dropped; the head stays fresh)."""
+    """`--init imagenet`: torchvision's ImageNet ResNet weights into the backbone (its `fc` is dropped; the head stays
+    fresh). `--init synthetic`: the miniature's pretrained start, this same network trained on other generated
+    shapes (common.synthetic_pretrained, built once and cached), loaded except its classifier."""
     if args.init == "none":
+        return
+    if args.init == "synthetic":
+        src = common.synthetic_pretrained(
+            f"dual_disc-{args.backbone}-wpg{args.width_per_group}-os{args.output_stride}"
+            f"-aspp{'.'.join(map(str, args.aspp_rates))}x{args.aspp_channels}"
+            f"-ll{args.low_level_channels}-dec{args.decoder_channels}",
+            lambda c: DeepLabV3Plus(c, args.backbone, args.width_per_group, args.output_stride, args.aspp_rates,
+                                    args.aspp_channels, args.low_level_channels, args.decoder_channels,
+                                    args.aspp_dropout),
+            common.Normalize("imagenet"), args.device)           # build_data's normalisation
+        load_pretrained(model, torch.load(src, map_location="cpu", weights_only=True), src)
         return
     if args.backbone not in ("resnet50", "resnet101") or args.width_per_group != 64:
         raise DataError(f"--init imagenet needs --backbone resnet50/resnet101 at --width-per-group 64 "
                         f"(torchvision has no weights for {args.backbone} at width {args.width_per_group}); "
-                        f"use --init none")
+                        f"use --init none (or --init synthetic)")
     weights = {"resnet50": torchvision.models.ResNet50_Weights,
                "resnet101": torchvision.models.ResNet101_Weights}[args.backbone].IMAGENET1K_V1
     src = args.restore_from or weights.url
@@ -622,17 +678,7 @@ def initialise(model, args):
     except Exception as e:
         raise DataError(f"could not load weights from {src}: {e.__class__.__name__}: {str(e).splitlines()[0][:200]}; "
                         f"download {weights.url} by hand and pass --restore-from PATH") from None
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items() if torch.is_tensor(v)}
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    own = model.backbone.state_dict()
-    wrong = [k for k in state if k in own and state[k].shape != own[k].shape]
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    if wrong or missing or unexpected:
-        raise DataError(f"{src} is not a torchvision {args.backbone}: other shapes {wrong[:3]}, missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}")
-    model.backbone.load_state_dict(state, strict=False)
-    print(f"loaded {len(state)} backbone tensors from {src} (ASPP and decoder start fresh)")
+    load_pretrained(model, state, src)
 
 
 # ================================================================================================================
