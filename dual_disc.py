@@ -722,7 +722,7 @@ def use_unlabeled(args, unlabeled):
 # Training (card 10): phase A (i < semi_start) labeled only, G, D1, D2 trained; phase B: D1, D2 fixed, G also on L_s
 # ================================================================================================================
 LOG_KEYS = ("loss_ce", "loss_adv", "loss_adv_d1", "loss_adv_d2", "loss_adv_u", "loss_semi", "loss_D1", "loss_D2",
-            "loss_D_hung", "D1_real", "D1_fake", "D2_conf", "C_map", "threshold", "trusted")
+            "loss_D_hung", "D1_real", "D1_fake", "D2_real", "D2_conf", "C_map", "threshold", "trusted")
 
 
 def train(args, run_dir, model, D, opt_S, opt_D, streams, val_loader, normalize, start, class_names):
@@ -830,6 +830,7 @@ def train(args, run_dir, model, D, opt_S, opt_D, streams, val_loader, normalize,
                 l_D2 = loss_D2(z2_fake, cmap, valid)
                 if z2_real is not None:                               # deviation 1: optional real term
                     l_D2 = l_D2 + bce(z2_real[:, 0], 1, valid)
+                    acc("D2_real", masked_mean(torch.sigmoid(z2_real)[:, 0], valid))
                 l_D = l_D + l_D2
                 acc("loss_D2", l_D2), acc("C_map", masked_mean(cmap, valid))
                 acc("D2_conf", masked_mean(torch.sigmoid(z2_fake)[:, 0], valid))
@@ -986,20 +987,36 @@ def evaluate(model, D, loader, num_classes, device, amp, num_pictures, args, cal
     return cm.compute(), out, pictures
 
 
-def save_pictures(path, pictures, normalize, pal):
+PICTURE_MAPS = (("conf_d2", "sigmoid(D2): 0 dark, 1 bright"), ("trusted", "trusted region (bright)"),
+                ("conf_hung", "Hung-style D: 0 dark, 1 bright"))
+
+
+def save_pictures(path, pictures, normalize, pal, class_names):
     """One row per val image: image, ground truth, prediction, correctness (C_map: white correct, black wrong, grey
-    void), D2's confidence, the trusted region, the Hung-style D's confidence (dark: low, bright: high)."""
+    void), D2's confidence, the trusted region, the Hung-style D's confidence (dark: low, bright: high); column
+    titles above, the class colours below."""
     rows = []
     for pic in pictures:
-        h, w = pic["y"].shape
         img = common.denormalize(pic["x"], normalize)
         row = [img, common.colorize(pic["y"].numpy(), pal), common.colorize(pic["pred"].numpy(), pal),
                np.repeat((pic["correct"].numpy()[..., None] * 255).astype(np.uint8), 3, 2)]
-        row += [common.heatmap(pic[k].numpy()) for k in ("conf_d2", "trusted", "conf_hung") if k in pic]
+        row += [common.heatmap(pic[k].numpy()) for k, _ in PICTURE_MAPS if k in pic]
         rows.append(row)
+    titles = ["image", "ground truth", "prediction", "C_map: white right, black wrong"]
+    titles += [t for k, t in PICTURE_MAPS if k in pictures[0]]
     scale = max(1, 256 // rows[0][0].shape[0])               # small synthetic images: enlarge for the eye
     rows = [[np.kron(im, np.ones((scale, scale, 1), np.uint8)) for im in r] for r in rows]
-    common.save_grid(path, rows)
+    common.save_labeled_grid(path, rows, titles, class_names, pal)
+
+
+# curves.png: G's losses, the discriminators' losses, their mean outputs with the trusted-pixel share, val mIoU
+CURVES = [("G: L_ce and L_s (mean per logged interval)", ["loss_ce", "loss_semi"], None),
+          ("G: L_ad (labeled), its D1 and D2 terms; L_ad on unlabeled images",
+           ["loss_adv", "loss_adv_d1", "loss_adv_d2", "loss_adv_u"], None),
+          ("discriminator losses (D1, D2 against C_map, Hung-style D)", ["loss_D1", "loss_D2", "loss_D_hung"], None),
+          ("mean sigmoid(D1) on GT / predictions, sigmoid(D2) vs C_map; threshold, trusted share",
+           ["D1_real", "D1_fake", "D2_real", "D2_conf", "C_map", "threshold", "trusted"], (0, 1)),
+          ("val mIoU", ["val_miou"], None)]
 
 
 def save_calibration(path, calib):
@@ -1130,6 +1147,7 @@ def run(argv=None):
     if args.compile:
         common.compile_modules(list(D.values()), streams, args.batch_size)
     stop = train(args, run_dir, model, D, opt_S, opt_D, streams, val_loader, normalize, start, class_names)
+    common.save_curves(run_dir, CURVES)
     if stop < args.num_steps:
         print(f"stopped at iteration {stop} (--stop-at); continue with --resume {run_dir}")
         return None
@@ -1137,7 +1155,8 @@ def run(argv=None):
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and not args.no_amp)
     result, calib, pictures = evaluate(model, D, val_loader, len(class_names), device, amp, args.num_pictures, args)
     if pictures:
-        save_pictures(os.path.join(run_dir, "predictions.png"), pictures, normalize, common.palette(args.data))
+        save_pictures(os.path.join(run_dir, "predictions.png"), pictures, normalize, common.palette(args.data),
+                      class_names)
     if "d2" in calib:
         save_calibration(os.path.join(run_dir, "calibration.png"), calib)
     warm_path = os.path.join(run_dir, "calibration_warmup.json")
@@ -1148,6 +1167,9 @@ def run(argv=None):
         if "d2" in calib_warm:
             save_calibration(os.path.join(run_dir, "calibration_warmup.png"), calib_warm)
     print(common.format_iou_table(result, class_names))
+    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps({"iter": stop, "val_miou": result["miou"]}) + "\n")
+    common.save_curves(run_dir, CURVES)
     for k in ("d2", "hung", "softmax"):
         if k in calib:
             c = calib[k]

@@ -1377,7 +1377,7 @@ def test_dd_end_to_end_synthetic_with_calibration(tmp_path):
                  "calibration.png"):
         assert os.path.isfile(os.path.join(out, name)), name
     assert 0 <= m["miou"] <= 1 and set(m["iou"]) == set(common.SyntheticSource.CLASSES)
-    log = read_log(out)
+    log = [r for r in read_log(out) if "val_miou" not in r]   # training lines (the final val mIoU follows)
     assert [r["iter"] for r in log] == [1, 2, 3, 4]
     for r in log[:2]:                                     # phase A: G, D1, D2 (and the comparison D) trained
         for k in ("loss_ce", "loss_adv", "loss_adv_d1", "loss_adv_d2", "loss_D1", "loss_D2", "loss_D_hung",
@@ -1410,7 +1410,7 @@ def test_dd_table3_ablations(tmp_path, ablation, keys, semi):
     if ablation in ("baseline", "static"):                # the two ends of Table 3 also run end to end
         out = str(tmp_path / ablation)
         m = dd.main(["--data", "synthetic", "--out", out, "--ablation", ablation] + DD_TINY)
-        log = read_log(out)
+        log = [r for r in read_log(out) if "val_miou" not in r]
         if ablation == "baseline":                       # no discriminator: only G's own softmax is calibrated
             assert "loss_adv" not in log[0] and "loss_D2" not in log[0] and "loss_semi" not in log[-1]
             assert set(m["calibration"]) == {"softmax"}
@@ -1601,7 +1601,7 @@ def test_dd_last_batch_of_one_is_dropped(tmp_path):
     drops it (min_batch=2) instead of crashing at the next pass (VOC 1/2 and every Cityscapes split would)."""
     out = str(tmp_path / "r")
     m = dd.main(["--data", "synthetic", "--out", out, "--labeled", "0.009", "--num-pictures", "0"] + DD_TINY[:8])
-    assert m["labeled"] == 9 and len(read_log(out)) == 4
+    assert m["labeled"] == 9 and len([r for r in read_log(out) if "val_miou" not in r]) == 4
     source = common.make_source("synthetic", **dd.SYNTHETIC_SIZE)
     ds = common.SegDataset(source, source.splits["train"][:9], common.LabelTransform(), labels_only=True)
     it = common.InfiniteLoader(ds, 4, 0, min_batch=2)
@@ -1614,7 +1614,7 @@ def test_dd_last_batch_of_one_is_dropped(tmp_path):
 def test_dd_no_freeze_keeps_training_discriminators(tmp_path):
     out = str(tmp_path / "r")
     dd.main(["--data", "synthetic", "--out", out, "--no-freeze-d-after-warmup", "--num-pictures", "0"] + DD_TINY[:8])
-    log = read_log(out)
+    log = [r for r in read_log(out) if "val_miou" not in r]
     assert all("loss_D2" in r and "loss_D1" in r for r in log) and "loss_semi" in log[-1]
 
 
@@ -1624,7 +1624,7 @@ def test_dd_resume_gives_the_same_losses(tmp_path):
     assert dd.main(["--data", "synthetic", "--out", parted, "--stop-at", "2"] + DD_TINY) is None
     dd.main(["--data", "synthetic", "--resume", parted])
     dd.main(["--data", "synthetic", "--out", again, "--stop-at", "2"] + DD_TINY)
-    a, b, c = read_log(straight), read_log(parted), read_log(again)
+    a, b, c = ([r for r in read_log(d) if "val_miou" not in r] for d in (straight, parted, again))
     assert [r["iter"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
         for k in ("loss_ce", "loss_adv", "loss_D1", "loss_D2", "loss_semi", "trusted", "threshold"):
@@ -2131,7 +2131,7 @@ def test_dd_d1_never_sees_padding_in_training_and_evaluate(tmp_path, monkeypatch
     padded = [v for v in inputs if v.shape[-2:] == (96, 96)]
     assert len(padded) >= 8                                   # phase A: G's L_ad, D1 real and fake; B: + thresholds
     assert all(v[..., 80:, :].abs().max() == 0 and v[..., 80:].abs().max() == 0 for v in padded)
-    log = read_log(out)
+    log = [r for r in read_log(out) if "val_miou" not in r]
     assert all(math.isfinite(r["loss_adv_u"]) and 0 <= r["threshold"] <= 1 for r in log[2:])
     assert all("loss_adv_u" not in r for r in log[:2])
     # evaluate(): one val batch padded to 40x40 (like VOC's 505x505)
@@ -2174,7 +2174,7 @@ def test_dd_label_rgb_d2_with_unlabeled_adversarial_runs_past_the_warm_up(tmp_pa
     out = str(tmp_path / "r")
     dd.main(["--data", "synthetic", "--out", out, "--ablation", "d2", "--d2-input", "label_rgb",
              "--lambda-adv-unl", "0.001", "--num-pictures", "0"] + DD_TINY[:8])
-    log = read_log(out)
+    log = [r for r in read_log(out) if "val_miou" not in r]
     assert [r["iter"] for r in log] == [1, 2, 3, 4] and all("loss_adv_u" not in r for r in log)
     assert "L_ad on unlabeled images is left out" in capsys.readouterr().err
     args = dd.resolve_args(dd.get_parser().parse_args(["--data", "voc", "--d2-input", "label_rgb"]))
