@@ -77,9 +77,14 @@ paper says its experiments are based; methods/README rule 3 gives these hung2018
     the warm-up ends (card 15.8; calibration_warmup.png) and at the end of training (calibration.png).
     A last partial batch of one image is dropped (the ASPP image-pooling BatchNorm cannot take it).
 14. (I) Cityscapes as hung2018.py: images and labels resized to 512x1024, no crop, scale or mirroring.
-15. The `synthetic` preset is not the paper's setting: a 1-block-per-stage bottleneck ResNet ("resnet14", inner
-    width 16) from scratch, ASPP rates 1-3 with 64 channels, Adam 5e-4 without the 10x head, discriminators at
-    width 16, 1,000 steps with the warm-up ending at 250 (the paper's 1/4); see PRESETS.
+15. The `synthetic` preset is not the paper's setting: DeepLab-v3+ on a 1-block-per-stage bottleneck ResNet
+    ("resnet14", inner width 16), ASPP rates 1-3 with 64 channels, Adam 5e-4 without the 10x head, discriminators
+    at width 16, 1,000 steps with the warm-up ending at 250 (the paper's 1/4); see PRESETS. Its pretrained start
+    (`--init synthetic`, the stand-in for ImageNet weights) covers this whole network: it is the same DeepLab-v3+
+    trained on other generated shapes (common.synthetic_pretrained), loaded except the class-specific classifier.
+    The discriminators keep the paper's receptive field / crop ratio: D1 and the Hung-style D 3 stride-2 convs
+    (22 px of 80, paper 94 of 321), D2 2 encoder convs (s4: 26 px of 80, paper 78 of 321); `--d1-layers`,
+    `--d2-layers`, computed above the discriminators.
 """
 import argparse
 import datetime
@@ -122,11 +127,15 @@ PRESETS = {
                        eval_pad=None, eval_batch_size=2, freeze_bn_stats=True),
     # Not the paper's (deviation 15): small enough for a 2-core CPU in about 5 minutes, and measured to learn
     # (README, "The synthetic dataset"). 80x80 images give 5x5 features at output stride 16, so the ASPP rates are
-    # scaled down from 6/12/18 to 1/2/3. From scratch, Adam at 5e-4 as in hung2018.py's synthetic preset.
-    "synthetic": dict(backbone="resnet14", width_per_group=16, init="none", aspp_rates=(1, 2, 3), aspp_channels=64,
-                      low_level_channels=16, decoder_channels=64, num_steps=1000, batch_size=8, crop_size=None,
-                      random_scale=False, random_mirror=True, optimizer="adam", lr=5e-4, head_lr_mult=1, ndf=16,
-                      semi_start=250, eval_pad=None, eval_batch_size=50, save_every=250, log_every=50),
+    # scaled down from 6/12/18 to 1/2/3. The pretrained start is this same network trained on other generated shapes
+    # (`--init synthetic`, common.synthetic_pretrained), the miniature's stand-in for ImageNet weights; Adam at 5e-4
+    # as in hung2018.py's synthetic preset. Discriminator depths keep the paper's receptive field / crop ratio
+    # (D1 and the Hung-style D 3 stride-2 convs, D2 2 encoder convs; computed above the discriminators).
+    "synthetic": dict(backbone="resnet14", width_per_group=16, init="synthetic", aspp_rates=(1, 2, 3),
+                      aspp_channels=64, low_level_channels=16, decoder_channels=64, num_steps=1000, batch_size=8,
+                      crop_size=None, random_scale=False, random_mirror=True, optimizer="adam", lr=5e-4,
+                      head_lr_mult=1, ndf=16, d1_layers=3, d2_layers=2, semi_start=250, eval_pad=None,
+                      eval_batch_size=50, save_every=250, log_every=50),
 }
 # Table 3's rows: which discriminators exist, whether L_s is on and which threshold it uses (deviation 5). The rows
 # without the semi-supervised module use no unlabeled image, so no L_ad on unlabeled images either (deviation 6).
