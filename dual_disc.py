@@ -77,9 +77,14 @@ paper says its experiments are based; methods/README rule 3 gives these hung2018
     the warm-up ends (card 15.8; calibration_warmup.png) and at the end of training (calibration.png).
     A last partial batch of one image is dropped (the ASPP image-pooling BatchNorm cannot take it).
 14. (I) Cityscapes as hung2018.py: images and labels resized to 512x1024, no crop, scale or mirroring.
-15. The `synthetic` preset is not the paper's setting: a 1-block-per-stage bottleneck ResNet ("resnet14", inner
-    width 16) from scratch, ASPP rates 1-3 with 64 channels, Adam 5e-4 without the 10x head, discriminators at
-    width 16, 1,000 steps with the warm-up ending at 250 (the paper's 1/4); see PRESETS.
+15. The `synthetic` preset is not the paper's setting: DeepLab-v3+ on a 1-block-per-stage bottleneck ResNet
+    ("resnet14", inner width 16), ASPP rates 1-3 with 64 channels, Adam 5e-4 without the 10x head, discriminators
+    at width 16, 1,000 steps with the warm-up ending at 250 (the paper's 1/4); see PRESETS. Its pretrained start
+    (`--init synthetic`, the stand-in for ImageNet weights) covers this whole network: it is the same DeepLab-v3+
+    trained on other generated shapes (common.synthetic_pretrained), loaded except the class-specific classifier.
+    The discriminators keep the paper's receptive field / crop ratio: D1 and the Hung-style D 3 stride-2 convs
+    (22 px of 80, paper 94 of 321), D2 2 encoder convs (s4: 26 px of 80, paper 78 of 321); `--d1-layers`,
+    `--d2-layers`, computed above the discriminators.
 """
 import argparse
 import datetime
@@ -111,7 +116,7 @@ PAPER = dict(
     weight_decay=1e-4, nesterov=False, ndf=64, freeze_bn_stats=False,               # Sec. 4.1 (dev. 12); dev. 10
     lambda_adv=0.01, lambda_adv_unl=0.001, lambda_semi=0.1, semi_start=5000,        # Sec. 4.1; dev. 6 (Hung)
     threshold_mode="one_minus_d1", t_static=0.9,                                    # dev. 5; Sec. 4.2
-    d1_head="gap", d2_structure="s4", d2_input="prob",                              # card 4-5; Tables 6-7
+    d1_head="gap", d2_structure="s4", d2_input="prob", d1_layers=5, d2_layers=4,   # card 4-5; Tables 6-7
     d2_real_term=False, freeze_d_after_warmup=True, calib_hung_d=True,
     eval_pad=(505, 505), eval_batch_size=4, save_every=1000, eval_every=0, log_every=20)
 PRESETS = {
@@ -122,11 +127,15 @@ PRESETS = {
                        eval_pad=None, eval_batch_size=2, freeze_bn_stats=True),
     # Not the paper's (deviation 15): small enough for a 2-core CPU in about 5 minutes, and measured to learn
     # (README, "The synthetic dataset"). 80x80 images give 5x5 features at output stride 16, so the ASPP rates are
-    # scaled down from 6/12/18 to 1/2/3. From scratch, Adam at 5e-4 as in hung2018.py's synthetic preset.
-    "synthetic": dict(backbone="resnet14", width_per_group=16, init="none", aspp_rates=(1, 2, 3), aspp_channels=64,
-                      low_level_channels=16, decoder_channels=64, num_steps=1000, batch_size=8, crop_size=None,
-                      random_scale=False, random_mirror=True, optimizer="adam", lr=5e-4, head_lr_mult=1, ndf=16,
-                      semi_start=250, eval_pad=None, eval_batch_size=50, save_every=250, log_every=50),
+    # scaled down from 6/12/18 to 1/2/3. The pretrained start is this same network trained on other generated shapes
+    # (`--init synthetic`, common.synthetic_pretrained), the miniature's stand-in for ImageNet weights; Adam at 5e-4
+    # as in hung2018.py's synthetic preset. Discriminator depths keep the paper's receptive field / crop ratio
+    # (D1 and the Hung-style D 3 stride-2 convs, D2 2 encoder convs; computed above the discriminators).
+    "synthetic": dict(backbone="resnet14", width_per_group=16, init="synthetic", aspp_rates=(1, 2, 3),
+                      aspp_channels=64, low_level_channels=16, decoder_channels=64, num_steps=1000, batch_size=8,
+                      crop_size=None, random_scale=False, random_mirror=True, optimizer="adam", lr=5e-4,
+                      head_lr_mult=1, ndf=16, d1_layers=3, d2_layers=2, semi_start=250, eval_pad=None,
+                      eval_batch_size=50, save_every=250, log_every=50),
 }
 # Table 3's rows: which discriminators exist, whether L_s is on and which threshold it uses (deviation 5). The rows
 # without the semi-supervised module use no unlabeled image, so no L_ad on unlabeled images either (deviation 6).
@@ -173,7 +182,9 @@ def get_parser():
     # generator G: DeepLab-v3+ (deviation 11)
     a("--backbone", choices=sorted(BACKBONES), help="paper: resnet101 (resnet14: synthetic preset only)")
     a("--width-per-group", type=int, help="torchvision's bottleneck inner width (64 in ResNet-50/101; synthetic 16)")
-    a("--init", choices=["imagenet", "none"], help="imagenet: torchvision's ResNet weights (card 3); none: random")
+    a("--init", choices=["imagenet", "synthetic", "none"],
+      help="imagenet: torchvision's ResNet weights (card 3); synthetic: this network pretrained on other generated "
+           "shapes, the miniature's stand-in (built once, cached; all but the classifier loaded); none: random")
     a("--restore-from", help="path of torchvision ResNet weights for --init imagenet (default: download them)")
     a("--output-stride", type=int, choices=[8, 16], help="backbone output stride (card 3: 16)")
     a("--aspp-rates", type=int, nargs=3, help="ASPP rates at output stride 16 (DeepLab-v3+: 6 12 18)")
@@ -188,6 +199,11 @@ def get_parser():
     a("--ablation", choices=list(ABLATIONS), default="full", help="Table 3 row (default: full method)")
     a("--ndf", type=int, help="discriminator width, channels of the first conv (Hung: 64)")
     a("--d1-head", choices=["gap", "fc"], help="D1's image-level head (deviation 2)")
+    a("--d1-layers", type=int, choices=range(2, 7), metavar="{2..6}",
+      help="stride-2 4x4 convs of D1 and of the Hung-style D, classifier included (Hung: 5; synthetic preset: 3, the "
+           "paper's receptive field / crop ratio)")
+    a("--d2-layers", type=int, choices=range(2, 7), metavar="{2..6}",
+      help="D2's encoder convs e1..en (card 5: 4; synthetic preset: 2, the paper's receptive field / crop ratio)")
     a("--d2-structure", choices=["s1", "s2", "s3", "s4"], help="Table 7 structure (default s4: OS 16, x4)")
     a("--d2-input", choices=["prob", "prob_rgb", "label_rgb", "prob_x_rgb"], help="Table 6 design (default prob)")
     a("--d2-real-term", action="store_true", default=None, help="also train D2 on one-hot ground truth, target 1")
@@ -321,6 +337,29 @@ class DeepLabV3Plus(nn.Module):
 # ================================================================================================================
 # Discriminators (card 4-5). All three use Hung's trunk: 4x4 stride-2 convs, LeakyReLU 0.2, no BatchNorm.
 # ================================================================================================================
+# Depth (deviation 15; methods/README rule 4: the miniature keeps the paper's ratio of a discriminator's receptive
+# field, RF, to the training crop, as hung2018.py's D: 94 px of 321, 3 layers: 22 px of 80). Counted in input pixels:
+# a 4x4 stride-2 conv adds 3 steps of its input grid, a 3x3 conv 2, a bilinear up-sampling 1 step of its coarse grid
+# (two taps); after e1, e2, e3, e4 a step is 2, 4, 8, 16 px. The last up-sampling to the input size, which no conv
+# follows, is not counted (nor is it in Hung's 94 px). n stride-2 4x4 convs see 1 + 3 (2^n - 1) px: 4, 10, 22, 46, 94.
+#   D1, `--d1-layers` n (gap head: its conv stack before pooling is Hung's D): paper n = 5: 94 px of 321 = 29.3%;
+#       80 px: n = 2: 10 px = 12.5%, n = 3: 22 px = 27.5%, n = 4: 46 px = 57.5%  -> 3. With `--d1-head fc` the
+#       pooled stack is the trunk, n - 1 convs: paper 46 / 321 = 14.3%; n = 3: 10 / 80 = 12.5% -> the same 3. The
+#       Hung-style comparison D (deviation 13) is the same stack and takes the same n.
+#   D2, `--d2-layers` n (encoder e1..en):
+#       s4 (default): e_n, up to e2's grid (+2^n; none for n = 2), two 3x3 convs at OS 4 (+16):
+#           paper n = 4: 46 + 16 + 16 = 78 px of 321 = 24.3%; 80 px: n = 2: 10 + 16 = 26 px = 32.5%,
+#           n = 3: 22 + 8 + 16 = 46 px = 57.5%  -> 2. At n = 2 the bottleneck is e2 itself (OS 4): the decoder then
+#           reads e2 twice (deep path and 1x1 skip); s4 at 80 px cannot keep both its OS 16 and the paper's ratio.
+#       s1: e_n and a 3x3 conv at OS 2^n: paper 46 + 32 = 78 (24.3%); n = 2: 18 (22.5%), n = 3: 38 (47.5%) -> 2.
+#       s2: e1, e2 stride 2, e3..en 3x3 stride 1 at OS 4, a 3x3 conv: paper 10 + 8 + 8 + 8 = 34 (10.6%);
+#           n = 2: 18 (22.5%), n = 3: 26 (32.5%) -> 2.
+#       s3: e_n, then for e_{n-1} .. e1 up (+1 coarse step) and a 3x3 conv, up to H x W and a 3x3 conv:
+#           1 + 3 (2^n - 1) + 4 (2^n - 2) + 4: paper 106 (33.0%); n = 2: 22 (27.5%), n = 3: 50 (62.5%) -> 2.
+#           (Measured, the field snaps to whole e_n cells, since the up-samplings only interpolate between them:
+#           94-110 px on 321, 46-54 on 80 at n = 3; the choice stays 2.)
+#   So one value per discriminator fits every head and structure: synthetic preset d1_layers=3, d2_layers=2
+#   (test_smoke measures these receptive fields from gradients).
 def conv_lrelu(cin, cout, k=4, stride=2):
     return nn.Sequential(nn.Conv2d(cin, cout, k, stride=stride, padding=1 if k in (3, 4) else 0),
                          nn.LeakyReLU(0.2, inplace=True))
@@ -328,17 +367,20 @@ def conv_lrelu(cin, cout, k=4, stride=2):
 
 class ImageDiscriminator(nn.Module):
     """D1 (deviation 2): Hung's trunk, a 4x4/2 conv to one channel, global average pooling: one logit per image.
-    `head="fc"`: global average pooling of the trunk's 512 channels and a linear layer instead."""
+    `head="fc"`: global average pooling of the trunk's 512 channels and a linear layer instead. `layers` counts the
+    stride-2 convs with the classifier (paper 5: trunk of 4, 64-128-256-512; the linear layer takes the classifier's
+    place with `fc`); the synthetic preset uses 3 (receptive fields above)."""
 
-    def __init__(self, in_channels, ndf=64, head="gap"):
+    def __init__(self, in_channels, ndf=64, head="gap", layers=5):
         super().__init__()
-        self.trunk = nn.Sequential(conv_lrelu(in_channels, ndf), conv_lrelu(ndf, ndf * 2),
-                                   conv_lrelu(ndf * 2, ndf * 4), conv_lrelu(ndf * 4, ndf * 8))
+        chans = [in_channels] + [ndf * 2 ** k for k in range(layers - 1)]
+        self.trunk = nn.Sequential(*[conv_lrelu(chans[k], chans[k + 1]) for k in range(layers - 1)])
         self.head = head
-        self.classifier = nn.Conv2d(ndf * 8, 1, 4, stride=2, padding=1) if head == "gap" else nn.Linear(ndf * 8, 1)
+        self.classifier = (nn.Conv2d(chans[-1], 1, 4, stride=2, padding=1) if head == "gap"
+                           else nn.Linear(chans[-1], 1))
 
     def forward(self, x):                                           # (N, C, H, W)
-        x = self.trunk(x)                                           # (N, 512, H/16, W/16)
+        x = self.trunk(x)                                           # paper: (N, 512, H/16, W/16)
         if self.head == "gap":
             return self.classifier(x).float().mean((1, 2, 3))       # (N,) logits, averaged in float32
         return self.classifier(x.mean((2, 3)))[:, 0]                # (N,)
@@ -351,52 +393,55 @@ class PixelDiscriminator(nn.Module):
       s2: OS 4, x4: e3 and e4 are 3x3 stride-1 convs (features stay at OS 4), a 3x3 conv, bilinear to H x W.
       s3: OS 16, x2 per stage (U-Net-like): up x2, concatenate the skip (e3, e2, e1), 3x3 conv, four times.
       s4: OS 16, x4 (DeepLab-v3+-like, default): e4 up to e2's size, concatenated with e2 reduced to 48 channels,
-          two 3x3 convs and a 1x1 conv at OS 4, bilinear to H x W."""
+          two 3x3 convs and a 1x1 conv at OS 4, bilinear to H x W.
+    `layers` n: encoder e1..en (paper 4; synthetic preset 2, receptive fields above), channels ndf * 2^(k-1), the
+    decoders as above with e_n for e4 (s3: one stage per skip e_{n-1}..e1)."""
 
-    def __init__(self, in_channels, ndf=64, structure="s4"):
+    def __init__(self, in_channels, ndf=64, structure="s4", layers=4):
         super().__init__()
-        self.structure = structure
-        k, s = (3, 1) if structure == "s2" else (4, 2)
-        self.e1, self.e2 = conv_lrelu(in_channels, ndf), conv_lrelu(ndf, ndf * 2)
-        self.e3, self.e4 = conv_lrelu(ndf * 2, ndf * 4, k, s), conv_lrelu(ndf * 4, ndf * 8, k, s)
+        self.structure, self.layers = structure, layers
+        ch = [in_channels] + [ndf * 2 ** k for k in range(layers)]          # ch[k]: channels of e_k
+        for k in range(1, layers + 1):                                      # e1 ... e4 for the paper's D2
+            k_s = (3, 1) if structure == "s2" and k > 2 else (4, 2)
+            setattr(self, f"e{k}", conv_lrelu(ch[k - 1], ch[k], *k_s))
         if structure in ("s1", "s2"):
-            self.classifier = nn.Conv2d(ndf * 8, 1, 3, padding=1)
+            self.classifier = nn.Conv2d(ch[-1], 1, 3, padding=1)
         elif structure == "s3":
-            self.d3 = conv_lrelu(ndf * 8 + ndf * 4, ndf * 4, 3, 1)
-            self.d2 = conv_lrelu(ndf * 4 + ndf * 2, ndf * 2, 3, 1)
-            self.d1 = conv_lrelu(ndf * 2 + ndf, ndf, 3, 1)
+            for k in range(layers - 1, 0, -1):                              # d3, d2, d1 for the paper's D2
+                setattr(self, f"d{k}", conv_lrelu(ch[k + 1] + ch[k], ch[k], 3, 1))
             self.classifier = nn.Conv2d(ndf, 1, 3, padding=1)
         else:
             self.skip = conv_lrelu(ndf * 2, ndf * 3 // 4, 1, 1)    # 128 -> 48 at ndf 64
-            self.decoder = nn.Sequential(conv_lrelu(ndf * 8 + ndf * 3 // 4, ndf * 4, 3, 1),
+            self.decoder = nn.Sequential(conv_lrelu(ch[-1] + ndf * 3 // 4, ndf * 4, 3, 1),
                                          conv_lrelu(ndf * 4, ndf * 4, 3, 1))
             self.classifier = nn.Conv2d(ndf * 4, 1, 1)
 
     def forward(self, x):                                           # (N, C_in, H, W)
         size = x.shape[-2:]
-        e1 = self.e1(x)                                             # (N, 64, H/2, W/2)
-        e2 = self.e2(e1)                                            # (N, 128, H/4, W/4)
-        e3 = self.e3(e2)                                            # (N, 256, H/8, W/8); s2: H/4
-        e4 = self.e4(e3)                                            # (N, 512, H/16, W/16); s2: H/4
-        if self.structure in ("s1", "s2"):
-            return up(self.classifier(e4).float(), size)            # (N, 1, H, W), float32 under autocast
+        e = [x]
+        for k in range(1, self.layers + 1):                         # paper: e1 (N, 64, H/2, W/2), e2 (N, 128, H/4,
+            e.append(getattr(self, f"e{k}")(e[-1]))                 # W/4), e3 (N, 256, H/8), e4 (N, 512, H/16);
+        if self.structure in ("s1", "s2"):                          # s2: e3, e4 stay at H/4
+            return up(self.classifier(e[-1]).float(), size)         # (N, 1, H, W), float32 under autocast
         if self.structure == "s3":
-            d = self.d3(torch.cat([up(e4, e3.shape[-2:]), e3], 1))  # (N, 256, H/8, W/8)
-            d = self.d2(torch.cat([up(d, e2.shape[-2:]), e2], 1))   # (N, 128, H/4, W/4)
-            d = self.d1(torch.cat([up(d, e1.shape[-2:]), e1], 1))   # (N, 64, H/2, W/2)
+            d = e[-1]
+            for k in range(self.layers - 1, 0, -1):                 # paper: (N, 256, H/8), (N, 128, H/4), (N, 64, H/2)
+                d = getattr(self, f"d{k}")(torch.cat([up(d, e[k].shape[-2:]), e[k]], 1))
             return self.classifier(up(d, size)).float()             # (N, 1, H, W)
-        d = torch.cat([up(e4, e2.shape[-2:]), self.skip(e2)], 1)    # (N, 560, H/4, W/4)
+        d = torch.cat([up(e[-1], e[2].shape[-2:]), self.skip(e[2])], 1)   # (N, 560, H/4, W/4)
         return up(self.classifier(self.decoder(d)).float(), size)   # (N, 1, H, W)
 
 
 class FCDiscriminator(nn.Module):
     """Hung et al.'s discriminator (hung2018.py), here only for Fig. 2's comparison (deviation 13): five 4x4/2 convs
-    {64, 128, 256, 512, 1}, LeakyReLU 0.2; logits at about 1/32, up-sampled to the input size by the caller."""
+    {64, 128, 256, 512, 1}, LeakyReLU 0.2; logits at about 1/32, up-sampled to the input size by the caller.
+    `layers`: the number of those convs (D1's stack; synthetic preset 3, as hung2018.py's)."""
 
-    def __init__(self, num_classes, ndf=64):
+    def __init__(self, num_classes, ndf=64, layers=5):
         super().__init__()
-        self.net = nn.Sequential(conv_lrelu(num_classes, ndf), conv_lrelu(ndf, ndf * 2), conv_lrelu(ndf * 2, ndf * 4),
-                                 conv_lrelu(ndf * 4, ndf * 8), nn.Conv2d(ndf * 8, 1, 4, stride=2, padding=1))
+        chans = [num_classes] + [ndf * 2 ** k for k in range(layers - 1)]
+        self.net = nn.Sequential(*[conv_lrelu(chans[k], chans[k + 1]) for k in range(layers - 1)],
+                                 nn.Conv2d(chans[-1], 1, 4, stride=2, padding=1))
 
     def forward(self, x):
         return up(self.net(x).float(), x.shape[-2:])                # (N, 1, H, W)
@@ -408,11 +453,11 @@ def build_discriminators(num_classes, args):
              "prob_x_rgb": 3 * num_classes}[args.d2_input]
     D = nn.ModuleDict()
     if args.d1:
-        D["d1"] = ImageDiscriminator(num_classes, args.ndf, args.d1_head)
+        D["d1"] = ImageDiscriminator(num_classes, args.ndf, args.d1_head, args.d1_layers)
     if args.d2:
-        D["d2"] = PixelDiscriminator(d2_in, args.ndf, args.d2_structure)
+        D["d2"] = PixelDiscriminator(d2_in, args.ndf, args.d2_structure, args.d2_layers)
         if args.calib_hung_d:
-            D["hung"] = FCDiscriminator(num_classes, args.ndf)
+            D["hung"] = FCDiscriminator(num_classes, args.ndf, args.d1_layers)
     return D
 
 
@@ -565,14 +610,68 @@ def set_train_mode(model, freeze_bn_stats):
                 m.eval()
 
 
+# Parts of G a pretrained file may fill, by name prefix; `classifier` (the class-specific 1x1 conv) always starts fresh
+G_PARTS = (("backbone", ("backbone.",)), ("ASPP", ("aspp.",)), ("decoder", ("reduce.", "decoder.")))
+
+
+def load_pretrained(model, state, source):
+    """Copy tensors into G by name and shape. A torchvision ResNet file (conv1.weight, layer1.0..., fc.*) fills the
+    backbone, its `fc` dropped, ASPP and decoder fresh; a file of this DeepLabV3Plus (backbone.*, aspp.*, reduce.*,
+    decoder.*, classifier.*; `--init synthetic`) fills backbone, ASPP and decoder, which were pretrained with the same
+    shapes. The classifier, the only class-specific layer, is never loaded. A tensor of another shape, a missing or
+    an unknown one is an error. Returns the loaded names."""
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):    # common.synthetic_pretrained's file
+        state = state["state_dict"]
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items() if torch.is_tensor(v)}
+    whole = any(k.startswith("backbone.") for k in state)
+    if not whole:                                                  # a torchvision ResNet: the backbone alone
+        state = {"backbone." + k: v for k, v in state.items()}
+    parts = G_PARTS if whole else G_PARTS[:1]
+    own = model.state_dict()
+    in_part = lambda k, ps: any(k.startswith(p) for _, prefixes in ps for p in prefixes)
+    target = [k for k in own if in_part(k, parts)]
+    dropped = sorted(k for k in state if k.startswith(("backbone.fc.", "classifier.")))   # class-specific layers
+    wrong = [k for k in target if k in state and state[k].shape != own[k].shape]
+    missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in target and k not in dropped]
+    if wrong or missing or unexpected:
+        kind = (f"a DeepLab-v3+ of this shape (--backbone {model.backbone_name}, --width-per-group, --output-stride, "
+                f"--aspp-*, --*-channels)" if whole else f"a torchvision {model.backbone_name}")
+        raise DataError(f"{source} is not {kind}: other shapes {wrong[:3]}, missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}")
+    loaded = [k for k in target if k in state]
+    with torch.no_grad():
+        for k in loaded:
+            own[k].copy_(state[k])
+    n = lambda names, ps: sum(in_part(k, [(None, ps)]) for k in names)
+    counts = ", ".join(f"{name} {n(loaded, ps)}/{n(own, ps)}" for name, ps in G_PARTS)
+    print(f"loaded {len(loaded)} tensors of G from {source} ({counts}; tensors by name and shape); not loaded: "
+          f"{', '.join(dropped) or 'none'}; the classifier (class-specific) starts fresh"
+          f"{'' if whole else ', and so do ASPP and decoder'}")
+    return loaded
+
+
 def initialise(model, args):
-    """torchvision's ImageNet ResNet weights into the backbone (its `fc` is dropped; the head stays fresh)."""
+    """`--init imagenet`: torchvision's ImageNet ResNet weights into the backbone (its `fc` is dropped; the head stays
+    fresh). `--init synthetic`: the miniature's pretrained start, this same network trained on other generated
+    shapes (common.synthetic_pretrained, built once and cached), loaded except its classifier."""
     if args.init == "none":
+        return
+    if args.init == "synthetic":
+        src = common.synthetic_pretrained(
+            f"dual_disc-{args.backbone}-wpg{args.width_per_group}-os{args.output_stride}"
+            f"-aspp{'.'.join(map(str, args.aspp_rates))}x{args.aspp_channels}"
+            f"-ll{args.low_level_channels}-dec{args.decoder_channels}",
+            lambda c: DeepLabV3Plus(c, args.backbone, args.width_per_group, args.output_stride, args.aspp_rates,
+                                    args.aspp_channels, args.low_level_channels, args.decoder_channels,
+                                    args.aspp_dropout),
+            common.Normalize("imagenet"), args.device)           # build_data's normalisation
+        load_pretrained(model, torch.load(src, map_location="cpu", weights_only=True), src)
         return
     if args.backbone not in ("resnet50", "resnet101") or args.width_per_group != 64:
         raise DataError(f"--init imagenet needs --backbone resnet50/resnet101 at --width-per-group 64 "
                         f"(torchvision has no weights for {args.backbone} at width {args.width_per_group}); "
-                        f"use --init none")
+                        f"use --init none (or --init synthetic)")
     weights = {"resnet50": torchvision.models.ResNet50_Weights,
                "resnet101": torchvision.models.ResNet101_Weights}[args.backbone].IMAGENET1K_V1
     src = args.restore_from or weights.url
@@ -588,17 +687,7 @@ def initialise(model, args):
     except Exception as e:
         raise DataError(f"could not load weights from {src}: {e.__class__.__name__}: {str(e).splitlines()[0][:200]}; "
                         f"download {weights.url} by hand and pass --restore-from PATH") from None
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items() if torch.is_tensor(v)}
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    own = model.backbone.state_dict()
-    wrong = [k for k in state if k in own and state[k].shape != own[k].shape]
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    if wrong or missing or unexpected:
-        raise DataError(f"{src} is not a torchvision {args.backbone}: other shapes {wrong[:3]}, missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}")
-    model.backbone.load_state_dict(state, strict=False)
-    print(f"loaded {len(state)} backbone tensors from {src} (ASPP and decoder start fresh)")
+    load_pretrained(model, state, src)
 
 
 # ================================================================================================================
@@ -642,7 +731,7 @@ def use_unlabeled(args, unlabeled):
 # Training (card 10): phase A (i < semi_start) labeled only, G, D1, D2 trained; phase B: D1, D2 fixed, G also on L_s
 # ================================================================================================================
 LOG_KEYS = ("loss_ce", "loss_adv", "loss_adv_d1", "loss_adv_d2", "loss_adv_u", "loss_semi", "loss_D1", "loss_D2",
-            "loss_D_hung", "D1_real", "D1_fake", "D2_conf", "C_map", "threshold", "trusted")
+            "loss_D_hung", "D1_real", "D1_fake", "D2_real", "D2_conf", "C_map", "threshold", "trusted")
 
 
 def train(args, run_dir, model, D, opt_S, opt_D, streams, val_loader, normalize, start, class_names):
@@ -750,6 +839,7 @@ def train(args, run_dir, model, D, opt_S, opt_D, streams, val_loader, normalize,
                 l_D2 = loss_D2(z2_fake, cmap, valid)
                 if z2_real is not None:                               # deviation 1: optional real term
                     l_D2 = l_D2 + bce(z2_real[:, 0], 1, valid)
+                    acc("D2_real", masked_mean(torch.sigmoid(z2_real)[:, 0], valid))
                 l_D = l_D + l_D2
                 acc("loss_D2", l_D2), acc("C_map", masked_mean(cmap, valid))
                 acc("D2_conf", masked_mean(torch.sigmoid(z2_fake)[:, 0], valid))
@@ -906,20 +996,36 @@ def evaluate(model, D, loader, num_classes, device, amp, num_pictures, args, cal
     return cm.compute(), out, pictures
 
 
-def save_pictures(path, pictures, normalize, pal):
+PICTURE_MAPS = (("conf_d2", "sigmoid(D2): 0 dark, 1 bright"), ("trusted", "trusted region (bright)"),
+                ("conf_hung", "Hung-style D: 0 dark, 1 bright"))
+
+
+def save_pictures(path, pictures, normalize, pal, class_names):
     """One row per val image: image, ground truth, prediction, correctness (C_map: white correct, black wrong, grey
-    void), D2's confidence, the trusted region, the Hung-style D's confidence (dark: low, bright: high)."""
+    void), D2's confidence, the trusted region, the Hung-style D's confidence (dark: low, bright: high); column
+    titles above, the class colours below."""
     rows = []
     for pic in pictures:
-        h, w = pic["y"].shape
         img = common.denormalize(pic["x"], normalize)
         row = [img, common.colorize(pic["y"].numpy(), pal), common.colorize(pic["pred"].numpy(), pal),
                np.repeat((pic["correct"].numpy()[..., None] * 255).astype(np.uint8), 3, 2)]
-        row += [common.heatmap(pic[k].numpy()) for k in ("conf_d2", "trusted", "conf_hung") if k in pic]
+        row += [common.heatmap(pic[k].numpy()) for k, _ in PICTURE_MAPS if k in pic]
         rows.append(row)
+    titles = ["image", "ground truth", "prediction", "C_map: white right, black wrong"]
+    titles += [t for k, t in PICTURE_MAPS if k in pictures[0]]
     scale = max(1, 256 // rows[0][0].shape[0])               # small synthetic images: enlarge for the eye
     rows = [[np.kron(im, np.ones((scale, scale, 1), np.uint8)) for im in r] for r in rows]
-    common.save_grid(path, rows)
+    common.save_labeled_grid(path, rows, titles, class_names, pal)
+
+
+# curves.png: G's losses, the discriminators' losses, their mean outputs with the trusted-pixel share, val mIoU
+CURVES = [("G: L_ce and L_s (mean per logged interval)", ["loss_ce", "loss_semi"], None),
+          ("G: L_ad (labeled), its D1 and D2 terms; L_ad on unlabeled images",
+           ["loss_adv", "loss_adv_d1", "loss_adv_d2", "loss_adv_u"], None),
+          ("discriminator losses (D1, D2 against C_map, Hung-style D)", ["loss_D1", "loss_D2", "loss_D_hung"], None),
+          ("mean sigmoid(D1) on GT / predictions, sigmoid(D2) vs C_map; threshold, trusted share",
+           ["D1_real", "D1_fake", "D2_real", "D2_conf", "C_map", "threshold", "trusted"], (0, 1)),
+          ("val mIoU", ["val_miou"], None)]
 
 
 def save_calibration(path, calib):
@@ -1050,6 +1156,7 @@ def run(argv=None):
     if args.compile:
         common.compile_modules(list(D.values()), streams, args.batch_size)
     stop = train(args, run_dir, model, D, opt_S, opt_D, streams, val_loader, normalize, start, class_names)
+    common.save_curves(run_dir, CURVES)
     if stop < args.num_steps:
         print(f"stopped at iteration {stop} (--stop-at); continue with --resume {run_dir}")
         return None
@@ -1057,7 +1164,8 @@ def run(argv=None):
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and not args.no_amp)
     result, calib, pictures = evaluate(model, D, val_loader, len(class_names), device, amp, args.num_pictures, args)
     if pictures:
-        save_pictures(os.path.join(run_dir, "predictions.png"), pictures, normalize, common.palette(args.data))
+        save_pictures(os.path.join(run_dir, "predictions.png"), pictures, normalize, common.palette(args.data),
+                      class_names)
     if "d2" in calib:
         save_calibration(os.path.join(run_dir, "calibration.png"), calib)
     warm_path = os.path.join(run_dir, "calibration_warmup.json")
@@ -1068,6 +1176,9 @@ def run(argv=None):
         if "d2" in calib_warm:
             save_calibration(os.path.join(run_dir, "calibration_warmup.png"), calib_warm)
     print(common.format_iou_table(result, class_names))
+    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps({"iter": stop, "val_miou": result["miou"]}) + "\n")
+    common.save_curves(run_dir, CURVES)
     for k in ("d2", "hung", "softmax"):
         if k in calib:
             c = calib[k]

@@ -1381,7 +1381,7 @@ def test_dd_end_to_end_synthetic_with_calibration(tmp_path):
                  "calibration.png"):
         assert os.path.isfile(os.path.join(out, name)), name
     assert 0 <= m["miou"] <= 1 and set(m["iou"]) == set(common.SyntheticSource.CLASSES)
-    log = read_log(out)
+    log = [r for r in read_log(out) if "val_miou" not in r]   # training lines (the final val mIoU follows)
     assert [r["iter"] for r in log] == [1, 2, 3, 4]
     for r in log[:2]:                                     # phase A: G, D1, D2 (and the comparison D) trained
         for k in ("loss_ce", "loss_adv", "loss_adv_d1", "loss_adv_d2", "loss_D1", "loss_D2", "loss_D_hung",
@@ -1414,7 +1414,7 @@ def test_dd_table3_ablations(tmp_path, ablation, keys, semi):
     if ablation in ("baseline", "static"):                # the two ends of Table 3 also run end to end
         out = str(tmp_path / ablation)
         m = dd.main(["--data", "synthetic", "--out", out, "--ablation", ablation] + DD_TINY)
-        log = read_log(out)
+        log = [r for r in read_log(out) if "val_miou" not in r]
         if ablation == "baseline":                       # no discriminator: only G's own softmax is calibrated
             assert "loss_adv" not in log[0] and "loss_D2" not in log[0] and "loss_semi" not in log[-1]
             assert set(m["calibration"]) == {"softmax"}
@@ -1605,7 +1605,7 @@ def test_dd_last_batch_of_one_is_dropped(tmp_path):
     drops it (min_batch=2) instead of crashing at the next pass (VOC 1/2 and every Cityscapes split would)."""
     out = str(tmp_path / "r")
     m = dd.main(["--data", "synthetic", "--out", out, "--labeled", "0.009", "--num-pictures", "0"] + DD_TINY[:8])
-    assert m["labeled"] == 9 and len(read_log(out)) == 4
+    assert m["labeled"] == 9 and len([r for r in read_log(out) if "val_miou" not in r]) == 4
     source = common.make_source("synthetic", **dd.SYNTHETIC_SIZE)
     ds = common.SegDataset(source, source.splits["train"][:9], common.LabelTransform(), labels_only=True)
     it = common.InfiniteLoader(ds, 4, 0, min_batch=2)
@@ -1618,7 +1618,7 @@ def test_dd_last_batch_of_one_is_dropped(tmp_path):
 def test_dd_no_freeze_keeps_training_discriminators(tmp_path):
     out = str(tmp_path / "r")
     dd.main(["--data", "synthetic", "--out", out, "--no-freeze-d-after-warmup", "--num-pictures", "0"] + DD_TINY[:8])
-    log = read_log(out)
+    log = [r for r in read_log(out) if "val_miou" not in r]
     assert all("loss_D2" in r and "loss_D1" in r for r in log) and "loss_semi" in log[-1]
 
 
@@ -1628,7 +1628,7 @@ def test_dd_resume_gives_the_same_losses(tmp_path):
     assert dd.main(["--data", "synthetic", "--out", parted, "--stop-at", "2"] + DD_TINY) is None
     dd.main(["--data", "synthetic", "--resume", parted])
     dd.main(["--data", "synthetic", "--out", again, "--stop-at", "2"] + DD_TINY)
-    a, b, c = read_log(straight), read_log(parted), read_log(again)
+    a, b, c = ([r for r in read_log(d) if "val_miou" not in r] for d in (straight, parted, again))
     assert [r["iter"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
         for k in ("loss_ce", "loss_adv", "loss_D1", "loss_D2", "loss_semi", "trusted", "threshold"):
@@ -2135,7 +2135,7 @@ def test_dd_d1_never_sees_padding_in_training_and_evaluate(tmp_path, monkeypatch
     padded = [v for v in inputs if v.shape[-2:] == (96, 96)]
     assert len(padded) >= 8                                   # phase A: G's L_ad, D1 real and fake; B: + thresholds
     assert all(v[..., 80:, :].abs().max() == 0 and v[..., 80:].abs().max() == 0 for v in padded)
-    log = read_log(out)
+    log = [r for r in read_log(out) if "val_miou" not in r]
     assert all(math.isfinite(r["loss_adv_u"]) and 0 <= r["threshold"] <= 1 for r in log[2:])
     assert all("loss_adv_u" not in r for r in log[:2])
     # evaluate(): one val batch padded to 40x40 (like VOC's 505x505)
@@ -2178,7 +2178,7 @@ def test_dd_label_rgb_d2_with_unlabeled_adversarial_runs_past_the_warm_up(tmp_pa
     out = str(tmp_path / "r")
     dd.main(["--data", "synthetic", "--out", out, "--ablation", "d2", "--d2-input", "label_rgb",
              "--lambda-adv-unl", "0.001", "--num-pictures", "0"] + DD_TINY[:8])
-    log = read_log(out)
+    log = [r for r in read_log(out) if "val_miou" not in r]
     assert [r["iter"] for r in log] == [1, 2, 3, 4] and all("loss_adv_u" not in r for r in log)
     assert "L_ad on unlabeled images is left out" in capsys.readouterr().err
     args = dd.resolve_args(dd.get_parser().parse_args(["--data", "voc", "--d2-input", "label_rgb"]))
@@ -2801,3 +2801,123 @@ def test_s4_d_layers_conv_count_and_receptive_field(tmp_path):
     state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["D"]
     assert sorted({k.split(".")[1] for k in state if k.startswith("convs.")}) == ["0", "1", "2"]
     assert state["fc.weight"].shape == (1, 16 * 4)                                  # ndf 16 (preset), 3 convs
+
+# ===============================================================================================================
+# issue 15: dual_disc
+# ===============================================================================================================
+def test_dual_disc_synthetic_init_pictures_and_final_miou(tmp_path, monkeypatch, capsys):
+    """The synthetic preset starts from common.synthetic_pretrained: after initialise() every tensor of G equals the
+    cached file's except the class-specific classifier (9 pretraining classes, 6 here); predictions.png has titles
+    over its 7 columns and a legend; curves.png has one panel per CURVES entry; the final val mIoU ends log.jsonl."""
+    paths, seen = [], {}
+    pretrained, init = common.synthetic_pretrained, dd.initialise
+    monkeypatch.setattr(common, "synthetic_pretrained", lambda *a, **k: paths.append(pretrained(*a, **k)) or paths[-1])
+    monkeypatch.setattr(dd, "initialise", lambda model, args: (init(model, args), seen.update(
+        args=args, state={k: v.clone() for k, v in model.state_dict().items()})))
+    out = str(tmp_path / "run")
+    m = dd.main(["--data", "synthetic", "--out", out] + DD_TINY)
+    args = seen["args"]
+    assert (args.init, args.d1_layers, args.d2_layers) == ("synthetic", 3, 2) and len(paths) == 1
+    assert os.path.basename(paths[0]).startswith("synthetic-pretrain-dual_disc-resnet14-wpg16-")
+    cached = torch.load(paths[0], map_location="cpu", weights_only=True)["state_dict"]
+    state = seen["state"]
+    assert set(cached) == set(state)
+    for k, v in state.items():
+        if k.startswith("classifier."):                  # fresh: another number of classes
+            assert cached[k].shape[0] == common.SyntheticPretrainSource.NUM_CLASSES and v.shape[0] == 6, k
+        else:
+            assert torch.equal(v, cached[k]), k
+    report = [line for line in capsys.readouterr().out.splitlines() if line.startswith("loaded ")]
+    assert len(report) == 1 and "backbone 102/102, ASPP 36/36, decoder 18/18" in report[0]
+    assert "not loaded: classifier.bias, classifier.weight" in report[0]
+    with Image.open(os.path.join(out, "predictions.png")) as im:    # 7 columns of 240 px, 2 gaps of 2 px between
+        assert im.size[0] == 7 * 242 - 2 and im.size[1] > 16 + 2 * 240
+        top = np.asarray(im.convert("L"))[:14]
+        assert (top < 128).any()                                     # titles drawn above the columns
+    with Image.open(os.path.join(out, "curves.png")) as im:
+        assert im.size[1] == 190 * len(dd.CURVES)
+    log = read_log(out)
+    assert log[-1] == {"iter": 4, "val_miou": m["miou"]} and [r["iter"] for r in log[:-1]] == [1, 2, 3, 4]
+    keys = {k for _, ks, _ in dd.CURVES for k in ks}
+    assert {k for r in log for k in r} - {"iter", "img_per_s", "lr", "peak_mem_gib"} <= keys   # all logged, plotted
+    assert set(dd.LOG_KEYS) | {"val_miou"} == keys
+
+
+def test_dual_disc_init_synthetic_rejects_another_shape(monkeypatch):
+    """The synthetic file goes through load_pretrained's checks: a network of another shape is a one-line error."""
+    paths, pretrained = [], common.synthetic_pretrained
+    monkeypatch.setattr(common, "synthetic_pretrained", lambda *a, **k: paths.append(pretrained(*a, **k)) or paths[-1])
+    args = dd.resolve_args(dd.get_parser().parse_args(["--data", "synthetic"]))
+    dd.initialise(dd.DeepLabV3Plus(6, "resnet14", 16, 16, (1, 2, 3), 64, 16, 64), args)       # the preset's shape
+    state = torch.load(paths[0], map_location="cpu", weights_only=True)
+    with pytest.raises(common.DataError, match="is not a DeepLab-v3\\+ of this shape"):
+        dd.load_pretrained(dd.DeepLabV3Plus(6, "resnet14", 16, 16, (1, 2, 3), 32, 16, 64), state, paths[0])
+
+
+def _stride2_convs(m):
+    return sum(isinstance(c, torch.nn.Conv2d) and c.stride == (2, 2) for c in m.modules())
+
+
+def test_dual_disc_depth_flags_change_the_conv_counts():
+    parse = lambda *a: dd.resolve_args(dd.get_parser().parse_args(["--ndf", "4"] + list(a)))
+    for argv, n1, n2 in ((["--data", "voc"], 5, 4), (["--data", "synthetic"], 3, 2),
+                         (["--data", "voc", "--d1-layers", "3", "--d2-layers", "2"], 3, 2),
+                         (["--data", "synthetic", "--d1-layers", "4", "--d2-layers", "3"], 4, 3)):
+        args = parse(*argv)
+        assert (args.d1_layers, args.d2_layers) == (n1, n2)
+        D = dd.build_discriminators(6, args)
+        assert _stride2_convs(D["d1"]) == n1 and _stride2_convs(D["hung"]) == n1 and _stride2_convs(D["d2"]) == n2
+        assert len(D["d1"].trunk) == n1 - 1 and [f"e{k}" for k in range(1, n2 + 1)] == \
+               [n for n, _ in D["d2"].named_children() if n.startswith("e")]
+    fc = dd.build_discriminators(6, parse("--data", "synthetic", "--d1-head", "fc"))["d1"]
+    assert _stride2_convs(fc) == 2 and isinstance(fc.classifier, torch.nn.Linear)          # the linear takes its place
+    for structure, n, names in (("s3", 4, {"d3", "d2", "d1"}), ("s3", 2, {"d1"}), ("s2", 3, set())):
+        D2 = dd.PixelDiscriminator(6, ndf=4, structure=structure, layers=n)
+        assert {k for k, _ in D2.named_children() if k[0] == "d"} == names
+        assert D2(torch.rand(1, 6, 80, 80)).shape == (1, 1, 80, 80)
+    # the paper's depth keeps the checkpoint names of before the flags
+    paper = dd.build_discriminators(6, parse("--data", "voc")).state_dict()
+    for k in ("d1.trunk.3.0.weight", "d1.classifier.weight", "d2.e4.0.weight", "d2.skip.0.weight",
+              "d2.decoder.1.0.weight", "d2.classifier.weight", "hung.net.4.weight"):
+        assert k in paper, k
+    assert not any(k.startswith(("d1.trunk.4", "d2.e5", "hung.net.5")) for k in paper)
+    with pytest.raises(SystemExit):
+        dd.get_parser().parse_args(["--data", "synthetic", "--d2-layers", "1"])
+
+
+def _receptive_field(net, out_module, size, in_channels=6):
+    """Largest width, in input pixels, that one output of `out_module` sees (gradient of that output), over a few
+    central positions; all weights positive so that nothing cancels."""
+    net = copy.deepcopy(net).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(p.abs() + 1e-3)
+    got = {}
+    out_module = dict(net.named_modules())[out_module]
+    out_module.register_forward_hook(lambda m, i, o: got.__setitem__("o", o))
+    best = 0
+    for dc in range(-4, 4):
+        x = torch.rand(1, in_channels, size, size, dtype=torch.float64, requires_grad=True)
+        net(x)
+        o = got["o"]
+        o[0, 0, o.shape[2] // 2, o.shape[3] // 2 + dc].backward()
+        cols = torch.nonzero(x.grad[0].abs().sum((0, 1)) > 0)[:, 0]
+        best = max(best, int(cols.max() - cols.min() + 1))
+    return best
+
+
+# s3 on 321 px: 106 by the comment's sum; measured, the field covers whole e4 cells (16 px), 94 or 110 by position
+@pytest.mark.parametrize("which,size,layers,expected", [
+    ("d1", 321, 5, 94), ("d1", 80, 3, 22), ("hung", 80, 3, 22),
+    ("s4", 321, 4, 78), ("s4", 80, 2, 26), ("s4", 80, 3, 46), ("s1", 321, 4, 78), ("s1", 80, 2, 18),
+    ("s2", 321, 4, 34), ("s2", 80, 2, 18), ("s3", 321, 4, 110), ("s3", 80, 2, 22)])
+def test_dual_disc_receptive_fields_as_the_comment_computes(which, size, layers, expected):
+    """The numbers of the receptive-field comment above the discriminators, measured: the synthetic preset's depths
+    keep the paper's ratio to the crop (D1 94/321 -> 22/80; D2 s4 78/321 -> 26/80)."""
+    if which == "d1":
+        net, out = dd.ImageDiscriminator(6, ndf=2, layers=layers), "classifier"
+    elif which == "hung":
+        net, out = dd.FCDiscriminator(6, ndf=2, layers=layers), f"net.{layers - 1}"
+    else:
+        net, out = dd.PixelDiscriminator(6, ndf=4, structure=which, layers=layers), "classifier"
+    assert _receptive_field(net, out, size) == expected
