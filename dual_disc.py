@@ -1079,6 +1079,8 @@ def run(argv=None):
             saved = json.load(f)
         keep = {k: getattr(args, k) for k in ("device", "workers", "stop_at", "compile", "benchmark",
                                               "peak_tflops")}   # where, how long and how fast: from now
+        saved.setdefault("d1_layers", 5)   # run folders from before the depth flags had the paper's Ds
+        saved.setdefault("d2_layers", 4)
         args = argparse.Namespace(**saved)
         args.__dict__.update(keep)
         args.workers = args.workers if args.workers is not None else saved["workers"]
