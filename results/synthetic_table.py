@@ -64,8 +64,8 @@ ROWS = [
     ("supervised, all labels (hung2018 baseline)", "supervised_all", ("miou",), None, ""),
 ]
 # the last logged values that explain an effect or its absence (README: "which effects did not appear and why")
-DIAGNOSTICS = ["D_real", "D_fake", "semi_kept", "D1_real", "D1_fake", "D2_real", "D2_fake", "trusted", "st_share",
-               "st_kept", "D_out_fake", "D_out_real", "A_real", "A_fake", "mlmt_val_map", "val_map"]
+DIAGNOSTICS = ["D_real", "D_fake", "semi_kept", "st_selected", "D1_real", "D1_fake", "D2_conf", "C_map", "threshold",
+               "trusted", "a_real", "a_fake", "teacher_map", "student_map"]
 
 
 def run_one(name, seed, out, threads):
@@ -116,6 +116,12 @@ def last_logged(run_dir):
                     for k in DIAGNOSTICS:
                         if k in rec:
                             vals[k] = rec[k]
+    try:                                           # s4gan_mlmt: the MLMT classifier's val mAP (metrics.json)
+        with open(os.path.join(run_dir, "metrics.json")) as f:
+            mlmt = json.load(f).get("mlmt") or {}
+        vals.update({k: mlmt[k] for k in ("teacher_map", "student_map") if k in mlmt})
+    except FileNotFoundError:
+        pass
     return vals
 
 
@@ -204,20 +210,19 @@ def markdown(data):
     lines += ["", f"Gap between supervised with all labels and at 1/8: {fmt(gap)} mIoU points. Share of it closed by "
               "each method's mean gain over its own baseline: " +
               "; ".join(f"{k}: {100 * v:.0f}%" for k, v in data["gap_closed_by_mean_gain"].items()) + "."]
-    lines += ["", "Last logged values per run (mean over seeds; the logs are in `results/synthetic/runs/`):", "",
-              "| run | " + " | ".join(["wall time (s)"] + DIAGNOSTICS_SHOWN) + " |",
-              "|---|" + "---|" * (len(DIAGNOSTICS_SHOWN) + 1)]
+    lines += ["", "Wall time per run and the last logged value of each discriminator / selection statistic (means over "
+              "the seeds; every run's log is in `results/synthetic/runs/`):", "",
+              "| run | wall time per run (s) | last logged values |", "|---|---|---|"]
     for run, per in data["runs"].items():
+        walls = [per[s]["wall_s"] for s in per if "wall_s" in per[s]]
         cells = []
-        for k in ["wall_s"] + DIAGNOSTICS_SHOWN:
-            vs = [per[s].get(k) for s in per if per[s].get(k) is not None]
-            cells.append("" if not vs else (f"{statistics.fmean(vs):.0f}" if k == "wall_s" else
-                                            f"{statistics.fmean(vs):.3f}"))
-        lines.append(f"| {run} | " + " | ".join(cells) + " |")
+        for k in DIAGNOSTICS:
+            vs = [per[s][k] for s in per if per[s].get(k) is not None]
+            if vs:
+                cells.append(f"{k} {statistics.fmean(vs):.3f}")
+        wall = f"{min(walls):.0f}-{max(walls):.0f}" if walls else ""
+        lines.append(f"| {run} | {wall} | {', '.join(cells)} |")
     return "\n".join(lines) + "\n"
-
-
-DIAGNOSTICS_SHOWN = DIAGNOSTICS
 
 
 def picture(data, path):
