@@ -1668,7 +1668,9 @@ def _panel(d, box, title, series, font, ylim=None):
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     xa, xb = min(xs), max(xs)
     ya, yb = ylim or (min(ys), max(ys))
-    xb, yb = (xb if xb > xa else xa + 1), (yb if yb > ya else ya + 1e-6)
+    if yb <= ya:                                  # one value (e.g. only the final val mIoU): centre it
+        ya, yb = ya - max(abs(ya) * 0.1, 1e-3), yb + max(abs(yb) * 0.1, 1e-3)
+    xb = xb if xb > xa else xa + 1
     fx = lambda v: px0 + (v - xa) / (xb - xa) * (px1 - px0)
     fy = lambda v: py1 - (min(max(v, ya), yb) - ya) / (yb - ya) * (py1 - py0)
     for frac in (0, 0.5, 1):
@@ -1684,8 +1686,9 @@ def _panel(d, box, title, series, font, ylim=None):
         line = [(fx(a), fy(b)) for a, b in s]
         if len(line) > 1:
             d.line(line, fill=c, width=2)
-        for p in line if len(line) < 3 else []:
-            d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=c)
+        for p, (_, v) in zip(line, s) if len(line) < 3 else []:
+            d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=c)
+            d.text((p[0] + 6, p[1] - 12), f"{v:.4g}", fill=c, font=font)
         d.line([lx, py1 + 20, lx + 14, py1 + 20], fill=c, width=3)
         d.text((lx + 17, py1 + 14), name, fill=(0, 0, 0), font=font)
         lx += 24 + 6 * len(name)
