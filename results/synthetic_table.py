@@ -129,18 +129,22 @@ def collect(out, seeds):
     data = {"seeds": seeds, "rows": [], "runs": {}}
     values = {}
     for row, run, path, base, claim in ROWS:
-        per_seed = []
+        per_seed, per_class = [], {}
         for s in seeds:
             run_dir = os.path.join(out, "runs", f"{run}_seed{s}")
             try:
                 with open(os.path.join(run_dir, "metrics.json")) as f:
-                    v = get(json.load(f), path)
+                    m = json.load(f)
+                v, iou = get(m, path), get(m, path[:-1] + ("iou",)) if path[-1] == "miou" else None
             except FileNotFoundError:
-                v = None
+                v, iou = None, None
             per_seed.append(None if v is None else 100 * v)
+            for c, x in (iou or {}).items():
+                per_class.setdefault(c, []).append(100 * x)
         values[row] = per_seed
         entry = {"row": row, "run": run, "metric": ".".join(path), "command": command(run), "per_seed": per_seed,
-                 "mean": mean(per_seed), "std": std(per_seed), "claim": claim, "baseline": base}
+                 "mean": mean(per_seed), "std": std(per_seed), "claim": claim, "baseline": base,
+                 "per_class_iou_mean": {c: mean(xs) for c, xs in per_class.items()}}
         if base:
             gains = [None if a is None or b is None else a - b for a, b in zip(per_seed, values[base])]
             entry.update(gain_per_seed=gains, gain_mean=mean(gains), gain_std=std(gains),
@@ -210,6 +214,12 @@ def markdown(data):
     lines += ["", f"Gap between supervised with all labels and at 1/8: {fmt(gap)} mIoU points. Share of it closed by "
               "each method's mean gain over its own baseline: " +
               "; ".join(f"{k}: {100 * v:.0f}%" for k, v in data["gap_closed_by_mean_gain"].items()) + "."]
+    classes = next((list(e["per_class_iou_mean"]) for e in data["rows"] if e["per_class_iou_mean"]), [])
+    lines += ["", "Per-class IoU (%), mean over the seeds:", "", "| row | " + " | ".join(classes) + " |",
+              "|---|" + "---|" * len(classes)]
+    for e in data["rows"]:
+        if e["per_class_iou_mean"]:
+            lines.append(f"| {e['row']} | " + " | ".join(fmt(e["per_class_iou_mean"].get(c)) for c in classes) + " |")
     lines += ["", "Wall time per run and the last logged value of each discriminator / selection statistic (means over "
               "the seeds; every run's log is in `results/synthetic/runs/`):", "",
               "| run | wall time per run (s) | last logged values |", "|---|---|---|"]
