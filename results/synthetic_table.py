@@ -262,7 +262,35 @@ def picture(data, path):
             if v is not None:
                 cy = y + 3 + (j % 5) * 3
                 d.ellipse([x(v) - 3, cy - 3, x(v) + 3, cy + 3], fill=(0, 0, 0))
-    img.save(path)
+    gains = [e for e in data["rows"] if e["baseline"] and e["metric"] in ("miou", "fused.miou")]
+    gh = 40 + len(gains) * (bar_h + gap) + 30
+    panel = Image.new("RGB", (W, gh), (255, 255, 255))
+    d = ImageDraw.Draw(panel)
+    gv = [abs(v) for e in gains for v in e["gain_per_seed"] if v is not None] or [1.0]
+    span = max(5.0, math.ceil(max(gv)))
+    zero = left + (W - left - 20) / 2
+    gx = lambda v: zero + (W - left - 20) / 2 * v / span
+    d.text((4, 4), "paired gain over the method's own baseline (mIoU points): bar = mean, dots = seeds",
+           fill=(0, 0, 0), font=font)
+    for t in range(-int(span), int(span) + 1):
+        if t % max(1, int(span) // 5) == 0:
+            d.line([gx(t), 30, gx(t), gh - 25], fill=(120, 120, 120) if t == 0 else (230, 230, 230))
+            d.text((gx(t) - 6, gh - 22), f"{t:+d}" if t else "0", fill=(0, 0, 0), font=font)
+    for k, e in enumerate(gains):
+        y = 34 + k * (bar_h + gap)
+        d.text((4, y + 4), e["row"][:46], fill=(0, 0, 0), font=font)
+        if e["gain_mean"] is not None:
+            a_, b_ = sorted((zero, gx(e["gain_mean"])))
+            d.rectangle([a_, y, b_, y + bar_h], fill=(70, 120, 200) if e["gain_mean"] >= 0 else (200, 90, 70))
+            d.text((max(zero, gx(e["gain_mean"])) + 4, y + 4), f"{e['gain_mean']:+.1f}", fill=(0, 0, 0), font=font)
+        for j, v in enumerate(e["gain_per_seed"]):
+            if v is not None:
+                cy = y + 3 + (j % 5) * 3
+                d.ellipse([gx(v) - 3, cy - 3, gx(v) + 3, cy + 3], fill=(0, 0, 0))
+    both = Image.new("RGB", (W, H + gh), (255, 255, 255))
+    both.paste(img, (0, 0))
+    both.paste(panel, (0, H))
+    both.save(path)
 
 
 def splice_readme(md):
