@@ -581,7 +581,7 @@ def make_optimizers(model, D, args):
     head = set(id(p) for p in model.head_parameters())
     backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in head]
     groups = [dict(params=backbone), dict(params=model.head_parameters())]
-    if args.optimizer == "adam":     # synthetic preset only (deviation 15): from scratch, SGD learns far slower
+    if args.optimizer == "adam":  # synthetic preset (deviation 15): chosen from scratch, where SGD was far slower
         opt_S = torch.optim.Adam(groups, lr=args.lr, weight_decay=args.weight_decay)
     else:
         opt_S = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,

@@ -640,7 +640,7 @@ def make_optimizers(model, D, args):
         k = [1 if n.startswith("conv1.") else 4 if ".downsample." in n else 3 for n, _ in backbone]
         opt_S = OfficialSGD([dict(params=[p for _, p in backbone], k=k), dict(params=head, k=[1] * len(head))],
                             args.momentum, args.weight_decay, args.nesterov)
-    elif args.optimizer == "adam":     # synthetic preset only (deviation 16): from scratch, SGD learns far slower
+    elif args.optimizer == "adam":  # synthetic preset (deviation 16): chosen from scratch, where SGD was far slower
         opt_S = torch.optim.Adam([dict(params=[p for _, p in backbone]), dict(params=head)], lr=args.lr,
                                  weight_decay=args.weight_decay)
     else:
