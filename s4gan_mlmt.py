@@ -128,7 +128,7 @@ PRESETS = {
     # width with 2 convs, the paper's receptive field / crop ratio (Discriminator); 1,000 iterations; MLMT: a one-
     # block-per-stage torchvision ResNet ("resnet10") on the 80 px images, pretrained on the same other shapes
     # (--mlmt-init synthetic), 20 epochs of the 125 labeled images (burn-in 2, ramp over epochs 3-12), unlabeled
-    # batch 32, lr 0.03 (README, "s4gan_mlmt on synthetic data").
+    # batch 32, lr 0.03 (README, "The synthetic miniature").
     "synthetic": dict(backbone="resnet18", width=32, init="synthetic", aspp_rates=(1, 2, 3, 4), num_steps=1000,
                       batch_size=8, crop_size=None, random_scale=False, random_mirror=True, optimizer="adam",
                       lr=5e-4, head_lr_mult=1, ndf=16, d_layers=2, eval_pad=None, eval_batch_size=50, save_every=400,
