@@ -1,7 +1,7 @@
 """Regenerate the synthetic results table (issue 15; README, "Results on the synthetic miniature").
 
     python results/synthetic_table.py                  # every run of seeds 0-4, then the table (about 2 h, 2 cores)
-    python results/synthetic_table.py --report-only    # the table again from the committed logs, no training
+    python results/synthetic_table.py --report-only    # the table again from the committed logs (the seeds there)
     python results/synthetic_table.py --seeds 0 --jobs 1 --out /tmp/t   # one seed, elsewhere
 
 Every method runs its script's `synthetic` preset (the one miniature protocol) with its paper's full method and with
@@ -311,7 +311,7 @@ def splice_readme(md):
 def main():
     global ARGS
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--seeds", type=int, nargs="+", help="default: 0-4; with --report-only the seeds with a run folder")
     p.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cores / jobs threads)")
     p.add_argument("--out", default=os.path.join(ROOT, "results", "synthetic"))
@@ -319,6 +319,10 @@ def main():
     p.add_argument("--no-readme", action="store_true", help="do not rewrite README.md's table")
     ARGS = p.parse_args()
     os.makedirs(ARGS.out, exist_ok=True)
+    if ARGS.seeds is None:
+        found = sorted({int(d.rsplit("_seed", 1)[1]) for d in os.listdir(os.path.join(ARGS.out, "runs"))
+                        if "_seed" in d}) if os.path.isdir(os.path.join(ARGS.out, "runs")) else []
+        ARGS.seeds = found if ARGS.report_only and found else [0, 1, 2, 3, 4]
     if not ARGS.report_only:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         threads = max(1, cores // ARGS.jobs)
