@@ -2,7 +2,10 @@
 
 Only what is the *same protocol* for every paper lives here: the datasets (PASCAL VOC 2012 + SBD, Cityscapes,
 Stanford Background, PASCAL-Context, and an embedded synthetic dataset), joint image/label transforms, labeled/unlabeled splits, the
-confusion-matrix mIoU, the boundary F1 score (BF), and colour palettes. Everything that is part of a method (networks, losses, training loop) stays in its own script.
+confusion-matrix mIoU, the boundary F1 score (BF), colour palettes and pictures, and the synthetic miniature's
+pretrained start (`synthetic_pretrained`: a plain cross-entropy loop over a network the script passes in, the
+stand-in for downloading ImageNet or COCO weights; part of no paper). Everything that is part of a method
+(networks, losses, training loop) stays in its own script.
 
 Datasets yield `(image, label, box, id)`: image a uint8 RGB tensor (3, H, W), label a uint8 tensor (H, W) with values
 0..C-1 or 255 = ignore, box the image's valid (unpadded) rectangle. The loaders (`InfiniteLoader`, `EvalLoader`) move
