@@ -916,11 +916,7 @@ class SyntheticSource:
             shade = 1 + 0.25 * np.sin(xx * rng.uniform(0.2, 0.8) + yy * rng.uniform(0.2, 0.8))[m]
             img[m] = np.clip(col[None] * shade[:, None], 0, 255)
             lab[m], inst[m] = c, k
-        # ignore band: object pixels whose 4-neighbour belongs to another object or to the background
-        p = np.pad(inst, 1, mode="edge")
-        edge = ((p[1:-1, 1:-1] != p[:-2, 1:-1]) | (p[1:-1, 1:-1] != p[2:, 1:-1]) |
-                (p[1:-1, 1:-1] != p[1:-1, :-2]) | (p[1:-1, 1:-1] != p[1:-1, 2:])) & (inst > 0)
-        lab[edge] = IGNORE
+        lab[_void_band(inst)] = IGNORE
         img = img + rng.normal(0, 8, img.shape)
         return np.clip(img, 0, 255).astype(np.uint8), lab
 
@@ -930,6 +926,13 @@ class SyntheticSource:
 
     def read_label(self, i):
         return self.labels[self.index[i]]
+
+
+def _void_band(inst):
+    """The ignore band: object pixels (inst > 0) whose 4-neighbour belongs to another object or to the background."""
+    p = np.pad(inst, 1, mode="edge")
+    return ((p[1:-1, 1:-1] != p[:-2, 1:-1]) | (p[1:-1, 1:-1] != p[2:, 1:-1]) |
+            (p[1:-1, 1:-1] != p[1:-1, :-2]) | (p[1:-1, 1:-1] != p[1:-1, 2:])) & (inst > 0)
 
 
 def _shape_mask(shape, dx, dy, r, a):
@@ -1531,10 +1534,7 @@ class SyntheticPretrainSource:
                 t = (np.sin(f * xx) * np.sin(f * yy)) > 0.5                  # dots
             img[m] = np.where(t[m][:, None], ca, cb)
             lab[m], inst[m] = c, k
-        p = np.pad(inst, 1, mode="edge")
-        edge = ((p[1:-1, 1:-1] != p[:-2, 1:-1]) | (p[1:-1, 1:-1] != p[2:, 1:-1]) |
-                (p[1:-1, 1:-1] != p[1:-1, :-2]) | (p[1:-1, 1:-1] != p[1:-1, 2:])) & (inst > 0)
-        lab[edge] = IGNORE
+        lab[_void_band(inst)] = IGNORE
         img = img + rng.normal(0, 6, img.shape)
         return np.clip(img, 0, 255).astype(np.uint8), lab
 
