@@ -2921,3 +2921,50 @@ def test_dual_disc_receptive_fields_as_the_comment_computes(which, size, layers,
     else:
         net, out = dd.PixelDiscriminator(6, ndf=4, structure=which, layers=layers), "classifier"
     assert _receptive_field(net, out, size) == expected
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue 15, hypothesis 3: results/synthetic_table.py's probe of a finished run and its data statistics
+# ---------------------------------------------------------------------------------------------------------------
+def _synthetic_table():
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "synthetic_table.py")
+    spec = importlib.util.spec_from_file_location("synthetic_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_i15_probe_agrees_with_the_scripts_own_evaluation(tmp_path):
+    table = _synthetic_table()
+    out = str(tmp_path / "run")
+    metrics = run_main(["--data", "synthetic", "--out", out] + TINY)
+    r = table.probe(out, 1000)
+    assert r["unlabeled"]["images"] == 875 and r["val"]["images"] == 200
+    val = r["val"]
+    # the probe rebuilds the network from args.json and last.pt: on val it must see what the script saw
+    assert val["pixel_acc"] == pytest.approx(metrics["pixel_acc"], abs=1e-9)
+    assert val["miou"] == pytest.approx(metrics["miou"], abs=1e-9)
+    for part in r.values():
+        assert sum(part["share_by_decile"]) == pytest.approx(1, abs=1e-3)
+        assert sum(s * (a or 0) for s, a in zip(part["share_by_decile"], part["acc_by_decile"])) == \
+            pytest.approx(part["pixel_acc"], abs=2e-3)
+        for row in part["confusion_rows"]:
+            assert sum(row) == pytest.approx(1, abs=1e-3)
+        # the full method (L_semi on): kept and dropped pixels together give the pixel accuracy
+        k = part["semi_kept"]
+        assert 0 <= k <= 1
+        assert k * part["acc_kept"] + (1 - k) * part["acc_dropped"] == pytest.approx(part["pixel_acc"], abs=1e-6)
+    sup = str(tmp_path / "sup")
+    run_main(["--data", "synthetic", "--out", sup, "--lambda-adv", "0", "--lambda-adv-unl", "0", "--lambda-semi", "0"]
+             + TINY)
+    assert "semi_kept" not in table.probe(sup, 1000)["val"]        # a baseline has no T_semi selection to report
+
+
+def test_i15_data_stats_of_the_miniature():
+    d = _synthetic_table().data_stats()
+    assert d["images"] == 1000 and d["pixels_per_image"] == 80 * 80
+    assert sum(d["pixel_share"].values()) + d["ignore_share"] == pytest.approx(1)
+    assert 0 < d["ignore_share"] < 0.1
+    assert 1 <= d["object_classes_per_image"] <= 3                  # 2-3 objects per image, classes may repeat
+    assert set(d["images_per_class"]) == set(common.SyntheticSource.CLASSES[1:])

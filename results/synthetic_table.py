@@ -3,6 +3,8 @@
     python results/synthetic_table.py                  # every run of seeds 0-4, then the table (about 2 h, 2 cores)
     python results/synthetic_table.py --report-only    # the table again from the committed logs (the seeds there)
     python results/synthetic_table.py --seeds 0 --jobs 1 --out /tmp/t   # one seed, elsewhere
+    python results/synthetic_table.py --hypothesis3 --jobs 2            # the data measurements (hypothesis 3)
+    python results/synthetic_table.py --probe RUN_DIR                   # calibration of a hung2018 synthetic run
 
 Every method runs its script's `synthetic` preset (the one miniature protocol) with its paper's full method and with
 the script's own supervised baseline (the same script with the method's terms switched off), on the same seeds; a
@@ -14,11 +16,19 @@ Each run leaves, in OUT/runs/<run>_seed<k>/: args.json, labeled.txt, log.jsonl, 
 printed log) and curves.png (predictions.png for seed 0); checkpoints are deleted. A run whose metrics.json exists
 is not run again, so an interrupted table continues where it stopped. Then OUT/synthetic_table.{md,json,png} are
 written and the markdown replaces the part of README.md between the two `synthetic-table` marker comments.
+
+--hypothesis3 measures the data (README, hypothesis 3) on seed 100, which is not a table seed: hung2018 and
+latent_classes, baseline and full method, with the same 125 labeled images and 875 or 3,875 unlabeled ones; the
+calibration, confusion and T_semi selection of the hung2018 models on their unlabeled pool (`probe`); and the
+data's make-up (`data_stats`). It writes OUT/hypothesis3/ (the runs, same files as above, plus probe.json),
+OUT/hypothesis3.{md,json} and README.md's `hypothesis3` block. --probe does the probe for any finished hung2018
+`--data synthetic` run folder that still has its last.pt.
 """
 import argparse
 import json
 import math
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -71,30 +81,53 @@ DIAGNOSTICS = ["D_real", "D_fake", "semi_kept", "st_selected", "D1_real", "D1_fa
 def run_one(name, seed, out, threads):
     script, extra, _ = RUNS[name]
     run_dir = os.path.join(out, "runs", f"{name}_seed{seed}")
+    cmd = [sys.executable, f"{script}.py", "--data", "synthetic", "--seed", str(seed), "--out", run_dir] + extra
+    if seed != 0:
+        cmd += ["--num-pictures", "0"]
+    return name, seed, execute(run_dir, cmd, threads)
+
+
+def execute(run_dir, cmd, threads, keep_checkpoint=False):
+    """Runs one script invocation into run_dir (skipped if its metrics.json exists); returns "kept" or the time."""
     if os.path.isfile(os.path.join(run_dir, "metrics.json")):
-        return name, seed, "kept"
+        return "kept"
     if os.path.isdir(run_dir):                     # an unfinished run: start it again from scratch
         for f in os.listdir(run_dir):
             os.remove(os.path.join(run_dir, f))
     os.makedirs(run_dir, exist_ok=True)
-    cmd = [sys.executable, f"{script}.py", "--data", "synthetic", "--seed", str(seed), "--out", run_dir] + extra
-    if seed != 0:
-        cmd += ["--num-pictures", "0"]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     t0 = time.time()
     with open(os.path.join(run_dir, "stdout.txt"), "w") as log:
-        log.write("$ " + " ".join(cmd[1:]) + "\n")
+        log.write("$ " + shlex.join(cmd[1:]) + "\n")
         log.flush()
         rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     wall = time.time() - t0
     if rc != 0:
-        raise RuntimeError(f"{name} seed {seed} failed (exit {rc}); see {run_dir}/stdout.txt")
+        raise RuntimeError(f"{os.path.basename(run_dir)} failed (exit {rc}); see {run_dir}/stdout.txt")
     with open(os.path.join(run_dir, "wall_time.json"), "w") as f:
         json.dump({"seconds": round(wall, 1), "threads": threads, "parallel_jobs": ARGS.jobs}, f)
     for f in os.listdir(run_dir):                 # no checkpoints in results/
-        if f.endswith(".pt") or f.endswith(".pt.tmp"):
+        if (f.endswith(".pt") and not keep_checkpoint) or f.endswith(".pt.tmp"):
             os.remove(os.path.join(run_dir, f))
-    return name, seed, f"{wall:.0f} s"
+    return f"{wall:.0f} s"
+
+
+def run_all(jobs_list, jobs):
+    """Runs (label, function, arguments) items, `jobs` at a time, printing progress and an ETA."""
+    t0, ran = time.time(), 0
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = {pool.submit(fn, *a): label for label, fn, a in jobs_list}
+        for k, fut in enumerate(as_completed(futures)):
+            how = fut.result()
+            how = how[-1] if isinstance(how, tuple) else how
+            if how != "kept":
+                ran += 1
+            done = time.time() - t0
+            left = len(jobs_list) - k - 1
+            eta = f"ETA {done / ran * left / 60:.0f} min" if ran else "ETA n/a"   # kept runs cost nothing
+            print(f"[{k + 1}/{len(jobs_list)}] {futures[fut]}: {how} | elapsed {done / 60:.1f} min, {eta}",
+                  flush=True)
+    print(f"all runs done in {(time.time() - t0) / 60:.1f} min")
 
 
 def get(d, path):
@@ -293,19 +326,225 @@ def picture(data, path):
     both.save(path)
 
 
-def splice_readme(md):
+def splice_readme(md, tag="synthetic-table"):
     path = os.path.join(ROOT, "README.md")
     with open(path) as f:
         text = f.read()
-    a, b = "<!-- synthetic-table:start (written by results/synthetic_table.py) -->", "<!-- synthetic-table:end -->"
+    a, b = f"<!-- {tag}:start (written by results/synthetic_table.py) -->", f"<!-- {tag}:end -->"
     if a not in text or b not in text:
-        print("README.md has no synthetic-table markers; not updated")
+        print(f"README.md has no {tag} markers; not updated")
         return
     head, rest = text.split(a, 1)
     _, tail = rest.split(b, 1)
     with open(path, "w") as f:
         f.write(head + a + "\n" + md + b + tail)
-    print("README.md updated")
+    print(f"README.md updated ({tag})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hypothesis 3 (issue 15; README, "Hypothesis 3: the data"): on seed 100, never a table seed.
+#  - the data's make-up, from the labels;
+#  - the unlabeled pool: hung2018 and latent_classes, baseline and full method, with the same 125 labeled images and
+#    875 or 3,875 unlabeled ones (the generator draws images in order, so the first 1,000 are the table's images;
+#    the 200 val images are the next 200, so each pool size has its own val set and only the paired gain compares);
+#  - calibration and confusion of hung2018's 1/8 models on their unlabeled pool: which errors a selection by
+#    confidence or by D could remove at all.
+# ----------------------------------------------------------------------------------------------------------------
+H3_SEED, H3_POOLS, H3_RUNS = 100, (1000, 4000), ("hung_sup", "hung_full", "latent_sup", "latent_full")
+
+
+def h3_dir(out, name, train):
+    return os.path.join(out, "hypothesis3", f"{name}_train{train}_seed{H3_SEED}")
+
+
+def h3_run(name, train, out, threads, split):
+    script, extra, _ = RUNS[name]
+    # the scripts read their module-level SYNTHETIC_SIZE when they build the data; 1,000 is their default
+    code = f"import sys, {script}; {script}.SYNTHETIC_SIZE['num_train'] = {train}; {script}.main(sys.argv[1:])"
+    run_dir = h3_dir(out, name, train)
+    cmd = [sys.executable, "-c", code, "--data", "synthetic", "--seed", str(H3_SEED), "--split", split,
+           "--out", run_dir, "--num-pictures", "0"] + extra
+    path = os.path.join(run_dir, "probe.json")
+    if name.startswith("hung") and not os.path.isfile(path) and not os.path.isfile(os.path.join(run_dir, "last.pt")) \
+            and os.path.isfile(os.path.join(run_dir, "metrics.json")):
+        os.remove(os.path.join(run_dir, "metrics.json"))          # finished but not probed: nothing to probe, redo it
+    wall = execute(run_dir, cmd, threads, keep_checkpoint=name.startswith("hung"))
+    if name.startswith("hung"):                  # probed, then the checkpoint goes
+        if not os.path.isfile(path):
+            with open(path + ".tmp", "w") as f:
+                json.dump(probe(run_dir, train), f, indent=1)
+            os.replace(path + ".tmp", path)
+        ckpt = os.path.join(run_dir, "last.pt")
+        if os.path.isfile(ckpt):
+            os.remove(ckpt)
+    return wall
+
+
+def probe(run_dir, train):
+    """Confusion and calibration of a finished hung2018 run (its last.pt) on its unlabeled pool and on val, and, for a
+    run with L_semi, the share and accuracy of the pixels that T_semi keeps (sigmoid(D) >= T_semi)."""
+    import torch
+    import torch.nn.functional as F
+    sys.path.insert(0, ROOT)
+    import common
+    import hung2018 as H
+    try:
+        with open(os.path.join(run_dir, "args.json")) as f:
+            args = argparse.Namespace(**json.load(f))
+    except FileNotFoundError:
+        sys.exit(f"{run_dir}: no args.json; not a run folder")
+    if getattr(args, "data", None) != "synthetic" or not hasattr(args, "t_semi") or \
+            not os.path.isfile(os.path.join(run_dir, "last.pt")):
+        sys.exit(f"{run_dir}: not a finished hung2018 --data synthetic run folder with its last.pt")
+    source = common.make_source("synthetic", **dict(H.SYNTHETIC_SIZE, num_train=train))
+    with open(os.path.join(run_dir, "labeled.txt")) as f:
+        labeled = set(f.read().split())
+    C = source.NUM_CLASSES
+    model = H.DeepLabV2(C, args.backbone, args.aspp_rates, args.aspp_branches, stride_in_3x3=args.init == "imagenet",
+                        width=args.width)
+    D = H.FCDiscriminator(C, args.ndf, fcd=not args.no_fcd, layers=args.d_layers)
+    state = torch.load(os.path.join(run_dir, "last.pt"), map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    D.load_state_dict(state["D"])
+    model.to(memory_format=torch.channels_last).eval()     # as the script evaluates it: the same float sums
+    D.to(memory_format=torch.channels_last).eval()
+    normalize = common.Normalize("caffe", bgr=not args.rgb_input) if args.init == "coco" else common.Normalize("imagenet")
+    tf = common.EvalTransform(normalize, args.eval_pad, args.resize, args.eval_full_res)
+    result = {}
+    for part, ids in (("unlabeled", [i for i in source.splits["train"] if i not in labeled]),
+                      ("val", source.splits["val"])):
+        if not ids:                                  # a --labeled 1.0 run has no unlabeled pool
+            continue
+        cm = torch.zeros(C * C, dtype=torch.long)
+        f64 = dict(dtype=torch.float64)                          # exact pixel counts
+        n_bin, ok_bin = torch.zeros(10, **f64), torch.zeros(10, **f64)      # max-softmax deciles
+        n_keep, ok_keep = torch.zeros(2, **f64), torch.zeros(2, **f64)     # T_semi dropped / kept
+        with torch.no_grad():
+            for x, y, _ in common.EvalLoader(common.SegDataset(source, ids, tf), 50):
+                p = F.softmax(H.up(model(x).float(), y.shape[-2:]), 1)
+                conf, pred = p.max(1)
+                keep = torch.sigmoid(H.up(D(p), y.shape[-2:]))[:, 0] >= args.t_semi
+                v = y != common.IGNORE
+                y, pred, conf, keep = y[v].long(), pred[v], conf[v], keep[v].long()
+                ok = (pred == y).double()
+                cm += torch.bincount(y * C + pred, minlength=C * C)
+                b = (conf * 10).long().clamp(max=9)
+                n_bin.index_add_(0, b, torch.ones_like(ok))
+                ok_bin.index_add_(0, b, ok)
+                n_keep.index_add_(0, keep, torch.ones_like(ok))
+                ok_keep.index_add_(0, keep, ok)
+        m = cm.view(C, C).double()
+        tp = m.diag()
+        err = float(n_bin.sum() - ok_bin.sum())
+        r = {"images": len(ids), "pixel_acc": float(tp.sum() / m.sum()),
+             "miou": float((tp / (m.sum(0) + m.sum(1) - tp)).nanmean()),     # as common.ConfusionMatrix
+             "share_conf_ge_0.9": float(n_bin[9] / n_bin.sum()), "acc_conf_ge_0.9": float(ok_bin[9] / n_bin[9]),
+             "errors_at_conf_ge_0.9": float(n_bin[9] - ok_bin[9]) / err if err else None,
+             "acc_by_decile": [None if n == 0 else round(float(o / n), 4) for o, n in zip(ok_bin, n_bin)],
+             "share_by_decile": [round(float(n / n_bin.sum()), 4) for n in n_bin],
+             "confusion_rows": [[round(float(v), 4) for v in row] for row in m / m.sum(1, keepdim=True)]}
+        if args.lambda_semi > 0:
+            r.update(semi_kept=float(n_keep[1] / n_keep.sum()), acc_kept=float(ok_keep[1] / max(n_keep[1], 1)),
+                     acc_dropped=float(ok_keep[0] / max(n_keep[0], 1)))
+        result[part] = r
+    return result
+
+
+def data_stats(train=1000):
+    """The miniature's make-up, from its train labels: pixel share per class and of the ignore band, classes per
+    image, and the labeled area of one object class in an image where it appears."""
+    sys.path.insert(0, ROOT)
+    import numpy as np
+    import common
+    import hung2018 as H
+    source = common.make_source("synthetic", **dict(H.SYNTHETIC_SIZE, num_train=train))
+    labs = np.stack([source.read_label(i) for i in source.splits["train"]])
+    C, n = source.NUM_CLASSES, labs[0].size
+    counts = np.stack([(labs == c).reshape(len(labs), -1).sum(1) for c in range(C)], 1)       # (images, C)
+    present = counts[:, 1:] > 0
+    return {"images": len(labs), "pixels_per_image": int(n),
+            "pixel_share": {name: float((labs == c).mean()) for c, name in enumerate(source.CLASSES)},
+            "ignore_share": float((labs == common.IGNORE).mean()),
+            "object_classes_per_image": float(present.sum(1).mean()),
+            "images_per_class": {name: int(present[:, c - 1].sum()) for c, name in enumerate(source.CLASSES) if c},
+            "class_area_share_where_present": float(counts[:, 1:][present].mean() / n)}
+
+
+def h3_markdown(res):
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
+    lines = [f"Seed {H3_SEED} (not a table seed); the same 125 labeled images in every run; "
+             "`python results/synthetic_table.py --hypothesis3`.", "",
+             "| train images | unlabeled | hung2018 baseline | hung2018 full | gain | latent_classes baseline | "
+             "latent classes | gain |", "|---|---|---|---|---|---|---|---|"]
+    for train in H3_POOLS:
+        r = res["runs"][str(train)]
+        g = lambda a, b: "-" if r.get(a) is None or r.get(b) is None else f"{100 * (r[b] - r[a]):+.1f}"
+        lines.append(f"| {train} | {r.get('unlabeled', '-')} | {pct(r.get('hung_sup'))} | {pct(r.get('hung_full'))} | "
+                     f"{g('hung_sup', 'hung_full')} | {pct(r.get('latent_sup'))} | {pct(r.get('latent_full'))} | "
+                     f"{g('latent_sup', 'latent_full')} |")
+    lines += ["", "hung2018's models on their unlabeled pool (val in brackets): pixel accuracy, the share of pixels "
+              "predicted with max softmax >= 0.9, their accuracy, and the share of all errors made at that confidence; "
+              "for the full method, the share T_semi keeps and the accuracy of kept and dropped pixels:", "",
+              "| run | pixel acc | conf >= 0.9 | acc there | errors at conf >= 0.9 | kept by T_semi | acc kept | "
+              "acc dropped |", "|---|---|---|---|---|---|---|---|"]
+    for train in H3_POOLS:
+        for name in ("hung_sup", "hung_full"):
+            pr = res["probes"].get(f"{name}_train{train}")
+            if not pr:
+                continue
+            u, v = pr["unlabeled"], pr["val"]
+            cell = lambda k: f"{pct(u.get(k))} ({pct(v.get(k))})" if k in u else "-"
+            lines.append(f"| {name}, {train} train | {cell('pixel_acc')} | {cell('share_conf_ge_0.9')} | "
+                         f"{cell('acc_conf_ge_0.9')} | {cell('errors_at_conf_ge_0.9')} | {cell('semi_kept')} | "
+                         f"{cell('acc_kept')} | {cell('acc_dropped')} |")
+    pr = res["probes"].get(f"hung_sup_train{H3_POOLS[0]}")
+    if pr:
+        names = res["classes"]
+        lines += ["", f"Confusion of hung2018's baseline ({H3_POOLS[0]} train images) on its unlabeled pool, % of each "
+                  "true class's pixels (rows: truth, columns: prediction):", "",
+                  "| truth | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for name, row in zip(names, pr["unlabeled"]["confusion_rows"]):
+            lines.append(f"| {name} | " + " | ".join(f"{100 * x:.1f}" for x in row) + " |")
+    d = res["data"]
+    lines += ["", f"The data ({d['images']} train images of {d['pixels_per_image']} pixels): pixel share " +
+              ", ".join(f"{k} {100 * v:.1f}%" for k, v in d["pixel_share"].items()) +
+              f", ignore band {100 * d['ignore_share']:.1f}%; {d['object_classes_per_image']:.2f} object classes per "
+              f"image; a class covers {100 * d['class_area_share_where_present']:.1f}% of an image where it appears; "
+              "images per class: " + ", ".join(f"{k} {v}" for k, v in d["images_per_class"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def hypothesis3(out, jobs):
+    sys.path.insert(0, ROOT)
+    import common
+    import hung2018 as H
+    os.makedirs(os.path.join(out, "hypothesis3"), exist_ok=True)
+    # the split a seed-100 run of the table's protocol draws, written once and given to every run
+    split = os.path.join(out, "hypothesis3", f"labeled_seed{H3_SEED}.txt")
+    if not os.path.isfile(split):
+        source = common.make_source("synthetic", **H.SYNTHETIC_SIZE)
+        common.write_list(split, common.labeled_split(source.splits["train"], 0.125, H3_SEED)[0])
+    threads = max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+                  // jobs)
+    run_all([(f"{n} train {t}", h3_run, (n, t, out, threads, split)) for t in H3_POOLS for n in H3_RUNS], jobs)
+    res = {"seed": H3_SEED, "split": os.path.relpath(split, ROOT), "runs": {}, "probes": {},
+           "classes": list(common.SyntheticSource.CLASSES), "data": data_stats()}
+    for t in H3_POOLS:
+        row = res["runs"].setdefault(str(t), {})
+        for n in H3_RUNS:
+            with open(os.path.join(h3_dir(out, n, t), "metrics.json")) as f:
+                m = json.load(f)
+            row[n], row["unlabeled"] = m["miou"], m["unlabeled"]
+            if n.startswith("hung"):
+                with open(os.path.join(h3_dir(out, n, t), "probe.json")) as f:
+                    res["probes"][f"{n}_train{t}"] = json.load(f)
+    md = h3_markdown(res)
+    with open(os.path.join(out, "hypothesis3.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    with open(os.path.join(out, "hypothesis3.md"), "w") as f:
+        f.write(md)
+    print(md)
+    return md
 
 
 def main():
@@ -317,8 +556,31 @@ def main():
     p.add_argument("--out", default=os.path.join(ROOT, "results", "synthetic"))
     p.add_argument("--report-only", action="store_true", help="only rebuild the table from the run folders")
     p.add_argument("--no-readme", action="store_true", help="do not rewrite README.md's table")
+    p.add_argument("--hypothesis3", action="store_true",
+                   help="instead of the table: the data measurements of hypothesis 3 on seed 100 (about 30 min, "
+                        "2 cores, --jobs 2); OUT/hypothesis3.{md,json} and README's hypothesis3 block")
+    p.add_argument("--probe", nargs="+", metavar="RUN_DIR",
+                   help="instead of the table: calibration, confusion and T_semi selection of finished hung2018 "
+                        "--data synthetic run folders (with their last.pt), on their unlabeled pool and on val; "
+                        "writes RUN_DIR/probe.json")
     ARGS = p.parse_args()
+    if ARGS.probe:
+        for run_dir in ARGS.probe:
+            r = probe(run_dir, 1000)
+            with open(os.path.join(run_dir, "probe.json"), "w") as f:
+                json.dump(r, f, indent=1)
+            for part, v in r.items():
+                print(f"{run_dir} {part}: " + ", ".join(f"{k} {v[k]:.4f}" for k in
+                      ("pixel_acc", "miou", "share_conf_ge_0.9", "acc_conf_ge_0.9", "errors_at_conf_ge_0.9",
+                       "semi_kept", "acc_kept", "acc_dropped") if v.get(k) is not None))
+        return
     os.makedirs(ARGS.out, exist_ok=True)
+    if ARGS.hypothesis3:
+        md = hypothesis3(ARGS.out, ARGS.jobs)
+        if not ARGS.no_readme and os.path.abspath(ARGS.out) == os.path.abspath(os.path.join(ROOT, "results",
+                                                                                             "synthetic")):
+            splice_readme(md, "hypothesis3")
+        return
     if ARGS.seeds is None:
         found = sorted({int(d.rsplit("_seed", 1)[1]) for d in os.listdir(os.path.join(ARGS.out, "runs"))
                         if "_seed" in d}) if os.path.isdir(os.path.join(ARGS.out, "runs")) else []
@@ -327,17 +589,8 @@ def main():
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         threads = max(1, cores // ARGS.jobs)
         # seed-major order: a table cut short still has whole seeds
-        todo = [(r, s) for s in ARGS.seeds for r in ARGS.runs]
-        t0 = time.time()
-        with ThreadPoolExecutor(ARGS.jobs) as pool:
-            futures = [pool.submit(run_one, r, s, ARGS.out, threads) for r, s in todo]
-            for k, fut in enumerate(as_completed(futures)):
-                name, seed, how = fut.result()
-                done = time.time() - t0
-                eta = done / (k + 1) * (len(todo) - k - 1)
-                print(f"[{k + 1}/{len(todo)}] {name} seed {seed}: {how} | elapsed {done / 60:.1f} min, "
-                      f"ETA {eta / 60:.0f} min", flush=True)
-        print(f"all runs done in {(time.time() - t0) / 60:.1f} min")
+        run_all([(f"{r} seed {s}", run_one, (r, s, ARGS.out, threads)) for s in ARGS.seeds for r in ARGS.runs],
+                ARGS.jobs)
     data = collect(ARGS.out, ARGS.seeds)
     md = markdown(data)
     with open(os.path.join(ARGS.out, "synthetic_table.md"), "w") as f:
