@@ -2954,11 +2954,19 @@ def test_i15_probe_agrees_with_the_scripts_own_evaluation(tmp_path):
         # the full method (L_semi on): kept and dropped pixels together give the pixel accuracy
         k = part["semi_kept"]
         assert 0 <= k <= 1
-        assert k * part["acc_kept"] + (1 - k) * part["acc_dropped"] == pytest.approx(part["pixel_acc"], abs=1e-6)
+        assert k * (part["acc_kept"] or 0) + (1 - k) * (part["acc_dropped"] or 0) == \
+            pytest.approx(part["pixel_acc"], abs=1e-6)
+    # the pool size comes from the run folder (what --hypothesis3 writes there) when it is not given
+    with open(os.path.join(out, "synthetic_size.json"), "w") as f:
+        json.dump({"num_train": 1000}, f)
+    assert table.probe(out)["val"] == val
     sup = str(tmp_path / "sup")
     run_main(["--data", "synthetic", "--out", sup, "--lambda-adv", "0", "--lambda-adv-unl", "0", "--lambda-semi", "0"]
              + TINY)
     assert "semi_kept" not in table.probe(sup, 1000)["val"]        # a baseline has no T_semi selection to report
+    os.remove(os.path.join(sup, "last.pt"))
+    with pytest.raises(SystemExit, match="not a finished hung2018"):  # nothing to probe: one line, no traceback
+        table.probe(sup)
 
 
 def test_i15_data_stats_of_the_miniature():

@@ -1,6 +1,6 @@
 """Regenerate the synthetic results table (issue 15; README, "Results on the synthetic miniature").
 
-    python results/synthetic_table.py                  # every run of seeds 0-4, then the table (about 2 h, 2 cores)
+    python results/synthetic_table.py --jobs 2         # every run of seeds 0-4, then the table (145 min on 2 cores)
     python results/synthetic_table.py --report-only    # the table again from the committed logs (the seeds there)
     python results/synthetic_table.py --seeds 0 --jobs 1 --out /tmp/t   # one seed, elsewhere
     python results/synthetic_table.py --hypothesis3 --jobs 2            # the data measurements (hypothesis 3)
@@ -31,6 +31,7 @@ import os
 import shlex
 import statistics
 import subprocess
+import threading
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -107,7 +108,7 @@ def execute(run_dir, cmd, threads, keep_checkpoint=False):
     with open(os.path.join(run_dir, "wall_time.json"), "w") as f:
         json.dump({"seconds": round(wall, 1), "threads": threads, "parallel_jobs": ARGS.jobs}, f)
     for f in os.listdir(run_dir):                 # no checkpoints in results/
-        if (f.endswith(".pt") and not keep_checkpoint) or f.endswith(".pt.tmp"):
+        if (f.endswith(".pt") and not (keep_checkpoint and f == "last.pt")) or f.endswith(".pt.tmp"):
             os.remove(os.path.join(run_dir, f))
     return f"{wall:.0f} s"
 
@@ -342,7 +343,7 @@ def splice_readme(md, tag="synthetic-table"):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Hypothesis 3 (issue 15; README, "Hypothesis 3: the data"): on seed 100, never a table seed.
+# Hypothesis 3 (issue 15; README, hypothesis 3, "The data itself"): on seed 100, never a table seed.
 #  - the data's make-up, from the labels;
 #  - the unlabeled pool: hung2018 and latent_classes, baseline and full method, with the same 125 labeled images and
 #    875 or 3,875 unlabeled ones (the generator draws images in order, so the first 1,000 are the table's images;
@@ -369,10 +370,14 @@ def h3_run(name, train, out, threads, split):
             and os.path.isfile(os.path.join(run_dir, "metrics.json")):
         os.remove(os.path.join(run_dir, "metrics.json"))          # finished but not probed: nothing to probe, redo it
     wall = execute(run_dir, cmd, threads, keep_checkpoint=name.startswith("hung"))
+    with open(os.path.join(run_dir, "synthetic_size.json"), "w") as f:   # for --probe: args.json does not say it
+        json.dump({"num_train": train}, f)
     if name.startswith("hung"):                  # probed, then the checkpoint goes
         if not os.path.isfile(path):
+            with PROBE_LOCK:                     # in this process: one probe at a time, on this job's threads
+                result = probe(run_dir, train, threads)
             with open(path + ".tmp", "w") as f:
-                json.dump(probe(run_dir, train), f, indent=1)
+                json.dump(result, f, indent=1)
             os.replace(path + ".tmp", path)
         ckpt = os.path.join(run_dir, "last.pt")
         if os.path.isfile(ckpt):
@@ -380,9 +385,15 @@ def h3_run(name, train, out, threads, split):
     return wall
 
 
-def probe(run_dir, train):
+PROBE_LOCK = threading.Lock()
+
+
+def probe(run_dir, train=None, threads=None):
     """Confusion and calibration of a finished hung2018 run (its last.pt) on its unlabeled pool and on val, and, for a
-    run with L_semi, the share and accuracy of the pixels that T_semi keeps (sigmoid(D) >= T_semi)."""
+    run with L_semi, the share and accuracy of the pixels that T_semi keeps (sigmoid(D) >= T_semi). Every count is
+    over the pixels that are not ignore (255), on whole images in eval mode; the training log's semi_kept counts every
+    pixel of a training batch, the ignore band included. `train`: the run's number of train images (default: its
+    synthetic_size.json, else the scripts' 1,000)."""
     import torch
     import torch.nn.functional as F
     sys.path.insert(0, ROOT)
@@ -396,6 +407,14 @@ def probe(run_dir, train):
     if getattr(args, "data", None) != "synthetic" or not hasattr(args, "t_semi") or \
             not os.path.isfile(os.path.join(run_dir, "last.pt")):
         sys.exit(f"{run_dir}: not a finished hung2018 --data synthetic run folder with its last.pt")
+    if train is None:
+        try:
+            with open(os.path.join(run_dir, "synthetic_size.json")) as f:
+                train = json.load(f)["num_train"]
+        except FileNotFoundError:
+            train = H.SYNTHETIC_SIZE["num_train"]
+    if threads:
+        torch.set_num_threads(threads)
     source = common.make_source("synthetic", **dict(H.SYNTHETIC_SIZE, num_train=train))
     with open(os.path.join(run_dir, "labeled.txt")) as f:
         labeled = set(f.read().split())
@@ -404,11 +423,15 @@ def probe(run_dir, train):
                         width=args.width)
     D = H.FCDiscriminator(C, args.ndf, fcd=not args.no_fcd, layers=args.d_layers)
     state = torch.load(os.path.join(run_dir, "last.pt"), map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    D.load_state_dict(state["D"])
+    try:
+        model.load_state_dict(state["model"])
+        D.load_state_dict(state["D"])
+    except (KeyError, RuntimeError) as e:
+        sys.exit(f"{run_dir}: last.pt does not fit hung2018's network of args.json ({str(e).splitlines()[0]})")
     model.to(memory_format=torch.channels_last).eval()     # as the script evaluates it: the same float sums
     D.to(memory_format=torch.channels_last).eval()
-    normalize = common.Normalize("caffe", bgr=not args.rgb_input) if args.init == "coco" else common.Normalize("imagenet")
+    normalize = (common.Normalize("caffe", bgr=not args.rgb_input) if args.init == "coco"       # as build_data
+                 else common.Normalize("imagenet"))
     tf = common.EvalTransform(normalize, args.eval_pad, args.resize, args.eval_full_res)
     result = {}
     for part, ids in (("unlabeled", [i for i in source.splits["train"] if i not in labeled]),
@@ -438,14 +461,16 @@ def probe(run_dir, train):
         err = float(n_bin.sum() - ok_bin.sum())
         r = {"images": len(ids), "pixel_acc": float(tp.sum() / m.sum()),
              "miou": float((tp / (m.sum(0) + m.sum(1) - tp)).nanmean()),     # as common.ConfusionMatrix
-             "share_conf_ge_0.9": float(n_bin[9] / n_bin.sum()), "acc_conf_ge_0.9": float(ok_bin[9] / n_bin[9]),
+             "share_conf_ge_0.9": float(n_bin[9] / n_bin.sum()),
+             "acc_conf_ge_0.9": float(ok_bin[9] / n_bin[9]) if n_bin[9] else None,
              "errors_at_conf_ge_0.9": float(n_bin[9] - ok_bin[9]) / err if err else None,
              "acc_by_decile": [None if n == 0 else round(float(o / n), 4) for o, n in zip(ok_bin, n_bin)],
              "share_by_decile": [round(float(n / n_bin.sum()), 4) for n in n_bin],
              "confusion_rows": [[round(float(v), 4) for v in row] for row in m / m.sum(1, keepdim=True)]}
         if args.lambda_semi > 0:
-            r.update(semi_kept=float(n_keep[1] / n_keep.sum()), acc_kept=float(ok_keep[1] / max(n_keep[1], 1)),
-                     acc_dropped=float(ok_keep[0] / max(n_keep[0], 1)))
+            r.update(semi_kept=float(n_keep[1] / n_keep.sum()),
+                     acc_kept=float(ok_keep[1] / n_keep[1]) if n_keep[1] else None,
+                     acc_dropped=float(ok_keep[0] / n_keep[0]) if n_keep[0] else None)
         result[part] = r
     return result
 
@@ -484,7 +509,9 @@ def h3_markdown(res):
                      f"{g('latent_sup', 'latent_full')} |")
     lines += ["", "hung2018's models on their unlabeled pool (val in brackets): pixel accuracy, the share of pixels "
               "predicted with max softmax >= 0.9, their accuracy, and the share of all errors made at that confidence; "
-              "for the full method, the share T_semi keeps and the accuracy of kept and dropped pixels:", "",
+              "for the full method, the share T_semi keeps and the accuracy of kept and dropped pixels (all over the "
+              "pixels that are not ignore, whole images, eval mode; the training log's semi_kept also counts the "
+              "ignore band):", "",
               "| run | pixel acc | conf >= 0.9 | acc there | errors at conf >= 0.9 | kept by T_semi | acc kept | "
               "acc dropped |", "|---|---|---|---|---|---|---|---|"]
     for train in H3_POOLS:
@@ -566,7 +593,7 @@ def main():
     ARGS = p.parse_args()
     if ARGS.probe:
         for run_dir in ARGS.probe:
-            r = probe(run_dir, 1000)
+            r = probe(run_dir)
             with open(os.path.join(run_dir, "probe.json"), "w") as f:
                 json.dump(r, f, indent=1)
             for part, v in r.items():
