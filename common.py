@@ -862,7 +862,7 @@ class PascalContextSource:
 
 
 class SyntheticSource:
-    """An embedded dataset, generated from a seed, nothing to download (see README, 'The synthetic dataset').
+    """An embedded dataset, generated from a seed, nothing to download (see README, 'Datasets', Synthetic).
 
     Each image holds 2-3 objects of 5 shape classes (disk, square, triangle, ring, cross) on a cluttered, textured
     background (class 0). The class is the shape: an object's colour is drawn at random, with only a weak per-class

@@ -126,7 +126,7 @@ PRESETS = {
     "cityscapes": dict(num_steps=40000, batch_size=2, crop_size=None, resize=(512, 1024), random_scale=False,
                        eval_pad=None, eval_batch_size=2, freeze_bn_stats=True),
     # Not the paper's (deviation 15): the miniature protocol (README, "The synthetic miniature"), sized for a 2-core CPU
-    # (README, "The synthetic dataset"). 80x80 images give 5x5 features at output stride 16, so the ASPP rates are
+    # (README, "Datasets", Synthetic). 80x80 images give 5x5 features at output stride 16, so the ASPP rates are
     # scaled down from 6/12/18 to 1/2/3. The pretrained start is this same network trained on other generated shapes
     # (`--init synthetic`, common.synthetic_pretrained), the miniature's stand-in for ImageNet weights; Adam at 5e-4
     # as in hung2018.py's synthetic preset. Discriminator depths keep the paper's receptive field / crop ratio

@@ -123,7 +123,7 @@ PRESETS = {
     # resized with PIL as the released loader (scipy.misc.imresize, card 7.3)
     "cityscapes": dict(batch_size=5, crop_size=(256, 512), resize=(512, 1024), random_scale=False, gamma=0.7,
                        lr_d=1e-5, stage="s4gan", eval_pad=None, eval_batch_size=2, resample="pil"),
-    # Not the paper's (deviation 16): the segmenter of hung2018's synthetic preset (README, "The synthetic dataset":
+    # Not the paper's (deviation 16): the segmenter of hung2018's synthetic preset (README, "Datasets", Synthetic:
     # Adam 5e-4, ASPP rates 1-4 for 11x11 logits), pretrained on other generated shapes (--init synthetic); D at 1/4
     # width with 2 convs, the paper's receptive field / crop ratio (Discriminator); 1,000 iterations; MLMT: a one-
     # block-per-stage torchvision ResNet ("resnet10") on the 80 px images, pretrained on the same other shapes
